@@ -1,0 +1,108 @@
+"""Process group set-up and the collectives the conversion uses: error agreement and bucketed all-to-all.
+
+Every exchange is one `all_to_all_single` on a flat byte buffer whose split sizes both sides know from
+the plan, so no sizes travel. It covers scatter (a row-parallel run cut into column blocks for the TP
+writers), broadcast (a norm read once, sent to every file that holds it) and gather (QKV and SwiGLU
+pieces from several readers into one shard). On GPUs the buffers live on the device and go over NCCL.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from .errors import ConversionError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
+    """Join (or create) the default process group; returns the device exchange buffers live on.
+
+    torchrun and `srun`/`mpirun` wrappers set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain
+    `python -m dist_reshard.launch` runs as a world of one.
+    """
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    return dev
+
+
+def rank() -> int:
+    return dist.get_rank()
+
+
+def world() -> int:
+    return dist.get_world_size()
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def agree(error: BaseException | None, device: torch.device) -> None:
+    """Every rank learns whether any rank failed; all then raise the lowest failing rank's message.
+
+    Called at phase and bucket boundaries, so a rank that hit bad input never leaves its peers waiting
+    inside an exchange: they all leave together with the same first line.
+    """
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return
+    messages: list = [None] * world()
+    dist.all_gather_object(messages, None if error is None else str(error))
+    first = next(r for r, m in enumerate(messages) if m is not None)
+    if error is not None and first == rank():
+        raise error
+    raise ConversionError(f"{messages[first]} (reported by rank {first})")
+
+
+def exchange(sends: dict[int, torch.Tensor], recv_bytes: dict[int, int], device: torch.device) -> dict[int, torch.Tensor]:
+    """All-to-all of flat uint8 buffers: sends[d] goes to rank d; returns what each source rank sent here."""
+    n = world()
+    me = rank()
+    in_splits = [int(sends[d].numel()) if d in sends else 0 for d in range(n)]
+    out_splits = [int(recv_bytes.get(s, 0)) for s in range(n)]
+    if n == 1:
+        return {me: sends[me]} if me in sends else {}
+    parts = [sends[d].contiguous() for d in range(n) if d in sends and sends[d].numel()]
+    send_buf = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+    if device.type == "cuda":
+        send_buf = send_buf.pin_memory().to(device, non_blocking=True)
+    recv_buf = torch.empty(sum(out_splits), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits)
+    if device.type == "cuda":
+        recv_buf = recv_buf.cpu()
+    out, pos = {}, 0
+    for s, size in enumerate(out_splits):
+        if size:
+            out[s] = recv_buf[pos:pos + size]
+            pos += size
+    return out
+
+
+def shutdown() -> None:
+    """Leave together: a rank tearing gloo down while a peer is still inside a collective aborts it."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,280 @@
+"""One rank's run of an HF -> Megatron-Core conversion: plan, read, exchange, write, publish.
+
+Every phase ends in `collectives.agree`, so an error on any rank (bad input, a short read, a full
+disk) ends every rank together with the same first line, and the output is published only after all
+ranks have written: ranks write into a staging folder beside `--save` that rank 0 renames into place.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from . import collectives
+from .errors import ConversionError
+from .families import family_for
+from .hf_config import read_config
+from .layout import TargetLayout
+from .megatron_args import megatron_args
+from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
+from .reader import RangeReader
+from .safetensors_index import index_folder
+from .writers import legacy, torch_dist
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                "F8_E5M2": torch.float8_e5m2}
+ITERATION_DIR = "iter_0000001"
+
+
+@dataclass
+class Options:
+    load: str
+    save: str
+    layout: TargetLayout
+    overwrite: bool = False
+    dry_run: bool = False
+    device: str = "auto"
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    report: str | None = None
+
+
+@dataclass
+class RankReport:
+    rank: int
+    bytes_read: int = 0
+    bytes_planned: int = 0
+    bytes_written: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    peak_rss_bytes: int = 0
+    phases: dict = field(default_factory=dict)
+
+
+def staging_path(save: str) -> str:
+    save = os.path.abspath(save)
+    return os.path.join(os.path.dirname(save), f".{os.path.basename(save)}.dist_reshard-staging")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _check_destination(opts: Options) -> None:
+    if os.path.exists(opts.save):
+        if not os.path.isdir(opts.save):
+            raise ConversionError(f"--save {opts.save}: exists and is not a directory")
+        if os.listdir(opts.save) and not opts.overwrite:
+            raise ConversionError(f"--save {opts.save}: exists and is not empty; pass --overwrite to replace it")
+    if os.path.abspath(opts.save) == os.path.abspath(opts.load):
+        raise ConversionError(f"--save {opts.save}: is the --load folder")
+
+
+def _plan(opts: Options) -> tuple[Plan, object, object, dict]:
+    cfg = read_config(opts.load)
+    family = family_for(cfg.architecture, os.path.join(opts.load, "config.json"))
+    index = index_folder(opts.load)
+    plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes)
+    return plan, cfg, family, index
+
+
+def _allocate(targets: list[Target]) -> dict[int, torch.Tensor]:
+    out = {}
+    for t in targets:
+        dtype = TORCH_DTYPES[t.dtype]
+        out[t.index] = torch.zeros(t.shape, dtype=dtype) if t.padded else torch.empty(t.shape, dtype=dtype)
+    return out
+
+
+def _pack(data: dict[int, torch.Tensor], transfers, index) -> torch.Tensor:
+    """Concatenate the transfers' bytes in wire order; column slices are made contiguous first (a view
+    along dim 1 handed to gloo would send the underlying memory, not the slice)."""
+    parts = []
+    for t in transfers:
+        raw = data[t.item]
+        src = index_item = index[t.item]
+        row_bytes = src.nbytes // (src.rows[1] - src.rows[0])
+        block = raw.view(src.rows[1] - src.rows[0], row_bytes)[t.rows[0] - src.rows[0]:t.rows[1] - src.rows[0]]
+        if t.cols is not None:
+            itemsize = row_bytes // max(1, _width(index_item))
+            block = block[:, t.cols[0] * itemsize:t.cols[1] * itemsize]
+        parts.append(block.contiguous().view(-1))
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+
+
+_WIDTHS: dict[str, int] = {}
+
+
+def _width(item) -> int:
+    return _WIDTHS[item.source]
+
+
+def _unpack(buf: torch.Tensor, transfers, tensors: dict[int, torch.Tensor], targets: dict[int, Target],
+            source_dtype: dict[str, str], items) -> None:
+    pos = 0
+    for t in transfers:
+        raw = buf[pos:pos + t.nbytes]
+        pos += t.nbytes
+        item = items[t.item]
+        rows = t.rows[1] - t.rows[0]
+        values = raw.view(TORCH_DTYPES[source_dtype[item.source]]).view(rows, -1)
+        target = targets[t.target]
+        dst = tensors[t.target].view(target.rows, -1)
+        dst[t.dst_row:t.dst_row + rows].copy_(values)  # the cast to --dtype happens here, per slice
+
+
+def _publish(opts: Options, staging: str) -> None:
+    """Rank 0 only: swap the finished staging folder into place."""
+    if os.path.exists(opts.save):
+        shutil.rmtree(opts.save)
+    os.rename(staging, opts.save)
+    fd = os.open(os.path.dirname(os.path.abspath(opts.save)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run(opts: Options) -> dict:
+    """Run this rank's part of the job; returns the job report (complete on rank 0)."""
+    device = collectives.init(opts.device)
+    me = collectives.rank()
+    report = RankReport(me)
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        report.phases[name] = report.phases.get(name, 0.0) + (now - clock)
+        clock = now
+
+    err: BaseException | None = None
+    plan = view = cfg = family = index = None
+    try:
+        _check_destination(opts)
+        plan, cfg, family, index = _plan(opts)
+        view = plan.rank_view(me)
+    except ConversionError as e:
+        err = e
+    collectives.agree(err, device)
+    phase("plan")
+    report.bytes_planned = view.bytes_read
+    if opts.dry_run:
+        return _finish(report, plan, opts, dry_run=True)
+
+    staging = staging_path(opts.save)
+    try:
+        err = None
+        if me == 0:
+            if os.path.exists(staging):
+                shutil.rmtree(staging)  # left by a killed run; never the user's --save
+            os.makedirs(os.path.join(staging, ITERATION_DIR))
+    except OSError as e:
+        err = ConversionError(f"--save {opts.save}: cannot create staging folder {staging} ({e.strerror})")
+    collectives.agree(err, device)
+    try:
+        _convert(opts, plan, view, cfg, family, index, staging, report, phase, device)
+    except BaseException:
+        if me == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return _finish(report, plan, opts, dry_run=False)
+
+
+def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, report, phase, device) -> None:
+    me = view.rank
+    for name, src in index.items():
+        _WIDTHS[name] = src.shape[1] if len(src.shape) > 1 else 1
+    source_dtype = {n: s.dtype for n, s in index.items()}
+    targets = {t.index: t for t in view.targets}
+    tensors = _allocate(view.targets)
+    reader = RangeReader()
+    phase("allocate")
+    try:
+        for b, reads in enumerate(view.reads):
+            err, data = None, {}
+            try:
+                for item in reads:
+                    data[item.index] = reader.read(item)
+            except ConversionError as e:
+                err = e
+            phase("read")
+            collectives.agree(err, device)
+            sends = {d: _pack(data, ts, plan.items) for d, ts in view.sends[b].items()}
+            recv_bytes = {s: sum(t.nbytes for t in ts) for s, ts in view.recvs[b].items()}
+            got = collectives.exchange(sends, recv_bytes, device)
+            for s, ts in view.recvs[b].items():
+                _unpack(got[s], ts, tensors, targets, source_dtype, plan.items)
+            phase("exchange")
+    finally:
+        reader.close()
+    report.bytes_read = reader.bytes_read
+    report.bytes_sent = view.bytes_sent
+    report.bytes_received = view.bytes_received
+
+    qkv_bias = any(t.key.endswith("linear_qkv.bias") for t in plan.targets)
+    qk_norm = any("q_layernorm" in t.key for t in plan.targets)
+    args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, cfg.dtype, qk_norm, qkv_bias)
+    folder = os.path.join(staging, ITERATION_DIR)
+    err = None
+    try:
+        if opts.layout.ckpt_format == "torch":
+            for unit in view.units:
+                containers: dict[str, dict[str, torch.Tensor]] = {}
+                for t in view.targets:
+                    if t.unit == unit.index:
+                        containers.setdefault(t.container, {})[t.key] = tensors[t.index]
+                report.bytes_written += legacy.write_file(os.path.join(staging, unit.path), containers, args)
+    except OSError as e:
+        err = ConversionError(f"--save {opts.save}: write failed ({e.strerror})")
+    if opts.layout.ckpt_format != "torch":
+        try:
+            torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args))
+        except OSError as e:
+            err = ConversionError(f"--save {opts.save}: write failed ({e.strerror})")
+        report.bytes_written = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
+                                   if f.startswith(f"__{me}_"))
+    tensors.clear()
+    phase("write")
+    collectives.agree(err, device)
+    err = None
+    if me == 0:
+        try:
+            legacy.write_tracker(staging, args.iteration)
+            _publish(opts, staging)
+        except OSError as e:
+            err = ConversionError(f"--save {opts.save}: cannot publish the checkpoint ({e.strerror})")
+    collectives.agree(err, device)
+    phase("publish")
+
+
+def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool) -> dict:
+    report.peak_rss_bytes = _peak_rss()
+    reports: list = [None] * collectives.world()
+    import torch.distributed as dist
+
+    dist.all_gather_object(reports, report.__dict__)
+    acc = plan.accounting()
+    job = {
+        "dry_run": dry_run,
+        "world_size": plan.world,
+        "layout": opts.layout.__dict__,
+        "source_bytes": plan.source_bytes,
+        "padded_vocab_size": plan.padded_vocab,
+        "targets": len(plan.targets),
+        "read_items": len(plan.items),
+        "transfers": len(plan.transfers),
+        "buckets": len(plan.buckets),
+        "largest_read_item_bytes": plan.largest_item_bytes,
+        "ranks": [dict(r, planned=a) for r, a in zip(reports, acc)],
+    }
+    total_read = sum(r["bytes_read"] for r in reports)
+    job["bytes_read_total"] = total_read
+    job["read_amplification"] = (total_read / plan.source_bytes) if plan.source_bytes and not dry_run else None
+    return job

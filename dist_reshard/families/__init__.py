@@ -1,0 +1,17 @@
+"""Model families: one short declarative table per family, looked up by HF architecture name."""
+
+from __future__ import annotations
+
+from ..errors import ConversionError
+from ..mapping import Family
+from . import llama, qwen2, qwen3
+
+FAMILIES: tuple[Family, ...] = (llama.LLAMA, llama.MISTRAL, qwen2.QWEN2, qwen3.QWEN3)
+
+
+def family_for(architecture: str, config_path: str = "config.json") -> Family:
+    for fam in FAMILIES:
+        if architecture in fam.architectures:
+            return fam
+    supported = ", ".join(a for fam in FAMILIES for a in fam.architectures)
+    raise ConversionError(f"{config_path}: unsupported architecture {architecture!r}; supported: {supported}")

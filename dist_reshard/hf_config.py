@@ -1,0 +1,98 @@
+"""The model facts the converter needs, read from an HF `config.json` of either generation.
+
+transformers 5 writes `rope_parameters` and `dtype`; older releases (most published checkpoints) write
+top-level `rope_theta`, `rope_scaling` and `torch_dtype`. Both are read here with plain json so that
+planning needs no transformers import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from .errors import ConversionError
+
+_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "bf16": "bf16", "fp16": "fp16",
+                "fp32": "fp32", "float": "fp32", "half": "fp16"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int
+    max_position_embeddings: int
+    norm_epsilon: float
+    rope_theta: float
+    rope_scaling: dict | None  # the HF rope_scaling / rope_parameters dict when it is not the default
+    tie_word_embeddings: bool
+    attention_bias: bool
+    dtype: str | None  # "bf16" | "fp16" | "fp32" | None
+    sliding_window: int | None
+    raw: dict
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+def _require(cfg: dict, key: str, path: str):
+    if key not in cfg:
+        raise ConversionError(f"{path}: missing field {key!r}")
+    return cfg[key]
+
+
+def read_config(folder: str) -> ModelConfig:
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: config.json not found (needed to detect the model family)") from None
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{path}: unreadable ({e.__class__.__name__}: {e})") from None
+    return config_from_dict(cfg, path)
+
+
+def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
+    if not isinstance(cfg, dict):
+        raise ConversionError(f"{path}: top level is not a JSON object")
+    archs = cfg.get("architectures") or []
+    if not archs or not isinstance(archs, list):
+        raise ConversionError(f"{path}: no 'architectures' field, cannot detect the model family")
+    heads = int(_require(cfg, "num_attention_heads", path))
+    hidden = int(_require(cfg, "hidden_size", path))
+    rope_params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None
+    rope_theta = cfg.get("rope_theta", (rope_params or {}).get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or rope_params
+    if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        scaling = None
+    dtype = cfg.get("dtype", cfg.get("torch_dtype"))
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return ModelConfig(
+        architecture=str(archs[0]),
+        model_type=str(cfg.get("model_type", "")),
+        num_layers=int(_require(cfg, "num_hidden_layers", path)),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_require(cfg, "intermediate_size", path)),
+        num_attention_heads=heads,
+        num_query_groups=int(cfg.get("num_key_value_heads") or heads),
+        kv_channels=int(head_dim),
+        vocab_size=int(_require(cfg, "vocab_size", path)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        rope_scaling=dict(scaling) if scaling else None,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        dtype=_DTYPE_NAMES.get(str(dtype)) if dtype else None,
+        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        raw=cfg,
+    )

@@ -1,0 +1,94 @@
+"""Command line: `torchrun --nproc-per-node N -m dist_reshard.launch --src hf --dst mcore ...`.
+
+Each rank prints a failing job's error as the first line of its stderr and exits 1; rank 0 prints the
+summary and writes the `--report` JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import ConversionError
+from .layout import CKPT_FORMATS, DTYPES, TRANSFORMER_IMPLS, TargetLayout
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dist_reshard.launch", description=__doc__.splitlines()[0])
+    p.add_argument("--src", choices=["hf"], required=True, help="source format")
+    p.add_argument("--dst", choices=["mcore"], required=True, help="destination format")
+    p.add_argument("--load", required=True, help="source folder (HF: config.json + *.safetensors)")
+    p.add_argument("--save", required=True, help="destination folder")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist")
+    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
+                   help="parameter naming: TransformerEngine spec (default) or local spec")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: source dtype)")
+    p.add_argument("--report", default=None, help="write a JSON report (per-rank bytes, RSS, phase times)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    p.add_argument("--dry-run", action="store_true", help="plan and account only; touch no data")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="exchange on the GPU with NCCL (auto when CUDA is present) or on the CPU with gloo")
+    p.add_argument("--bucket-mb", type=int, default=256, help="bytes in flight per rank per exchange (MiB)")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    return p
+
+
+def _summary(job: dict) -> str:
+    mib = 1024 * 1024
+    lines = [f"dist_reshard: {'planned' if job['dry_run'] else 'converted'} {job['source_bytes'] / mib:.1f} MiB "
+             f"on {job['world_size']} ranks into TP{job['layout']['tp']} PP{job['layout']['pp']}"
+             + (f" VPP{job['layout']['vpp']}" if job['layout']['vpp'] else "")
+             + f" {job['layout']['ckpt_format']}"]
+    for r in job["ranks"]:
+        read = r["planned"]["bytes_read"] if job["dry_run"] else r["bytes_read"]
+        lines.append(f"  rank {r['rank']}: read {read / mib:.2f} MiB, wrote {r['bytes_written'] / mib:.2f} MiB, "
+                     f"peak RSS {r['peak_rss_bytes'] / mib:.0f} MiB, "
+                     + ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items()))
+    if job.get("read_amplification") is not None:
+        lines.append(f"  bytes read / source bytes = {job['read_amplification']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    from . import collectives
+    from .convert import Options, run
+
+    layout = TargetLayout(tp=ns.tp, pp=ns.pp, vpp=ns.vpp, ckpt_format=ns.ckpt_format,
+                          transformer_impl=ns.transformer_impl,
+                          make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype)
+    opts = Options(load=ns.load, save=ns.save, layout=layout, overwrite=ns.overwrite, dry_run=ns.dry_run,
+                   device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report)
+    try:
+        job = run(opts)
+    except ConversionError as e:
+        print(f"dist_reshard: error: {e}", file=sys.stderr, flush=True)
+        collectives.shutdown()
+        return 1
+    if collectives.rank() == 0:
+        if ns.report:
+            with open(ns.report, "w") as f:
+                json.dump(job, f, indent=2, default=str)
+        if not ns.quiet:
+            print(_summary(job), flush=True)
+    collectives.shutdown()
+    return 0
+
+
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown: after a torch.distributed.checkpoint save, a C++ thread
+    object is sometimes destroyed while joinable at exit and aborts an otherwise finished rank
+    (seen with torch 2.13 on gloo). Every file is fsynced and published before this point."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    _exit(main())

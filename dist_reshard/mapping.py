@@ -1,0 +1,157 @@
+"""Declarative family tables and the transform kinds that turn them into slice geometry.
+
+A family is a tuple of `Rule`s: a Megatron name, the HF name(s) it is made of, and a transform kind.
+The kind alone decides which rows/columns of which HF tensor land where in a tensor-parallel shard, so
+one table serves both directions: a `Piece` is a correspondence between an HF rectangle and a region of
+a Megatron block, whichever side is the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import ConversionError
+from .hf_config import ModelConfig
+
+LAYER = "decoder.layers.{i}."
+HF_LAYER = "model.layers.{i}."
+
+
+class Kind(Enum):
+    REPLICATED = "replicated"  # whole tensor on every TP rank (norms, row-parallel biases)
+    COLUMN = "column"  # split on dim 0
+    ROW = "row"  # split on dim 1
+    VOCAB = "vocab"  # split on dim 0 after padding the vocabulary to the Megatron multiple
+    QKV = "qkv"  # q, k, v interleaved per query group, then split on dim 0 by whole groups
+    GLU = "glu"  # gate and up halves, each split on dim 0, concatenated per TP rank
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str  # TransformerEngine-spec name; per-layer names start with LAYER
+    hf: tuple[str, ...]  # HF tensor name(s); `{i}` is the global layer index
+    kind: Kind
+    local: str | None = None  # local-spec name when it differs from the TE-spec one
+    dist_key: str | None = None  # torch_dist key when it differs from the TE name with the layer dropped
+    tied_to: str | None = None  # with tied embeddings this tensor is a copy of that Megatron tensor
+    optional: bool = False  # present only when the HF checkpoint has it (e.g. qkv bias)
+
+    @property
+    def per_layer(self) -> bool:
+        return self.megatron.startswith(LAYER)
+
+    def name(self, transformer_impl: str) -> str:
+        return self.local if (transformer_impl == "local" and self.local) else self.megatron
+
+    def torch_dist_key(self) -> str:
+        return self.dist_key or self.megatron.replace("{i}.", "")
+
+
+def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
+    """Table-row constructor: per-layer names are written relative to the layer prefixes."""
+    names = (hf,) if isinstance(hf, str) else tuple(hf)
+    is_layer = kw.pop("layer", True)
+    if is_layer:
+        megatron = LAYER + megatron
+        names = tuple(HF_LAYER + n for n in names)
+        if kw.get("local"):
+            kw["local"] = LAYER + kw["local"]
+    return Rule(megatron, names, kind, **kw)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]
+    rules: tuple[Rule, ...]
+
+    def check(self, cfg: ModelConfig) -> None:
+        """Family-specific refusals (features the table does not express)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [rows) x cols [cols) of HF tensor `source` placed at row `dst_row` of a block.
+
+    `source` None is vocabulary padding: `rows` counts zero rows. `cols` None means every column.
+    """
+
+    source: str | None
+    rows: tuple[int, int]
+    cols: tuple[int, int] | None
+    dst_row: int
+
+    @property
+    def nrows(self) -> int:
+        return self.rows[1] - self.rows[0]
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous region of the full (unsharded, padded) Megatron tensor held by one TP rank."""
+
+    offset: tuple[int, ...]  # in the full tensor
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+
+def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab // multiple) * multiple
+
+
+def _split(n: int, parts: int, what: str) -> int:
+    if n % parts:
+        raise ConversionError(f"{what} ({n}) is not divisible by the tensor-parallel size {parts}")
+    return n // parts
+
+
+def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cfg: ModelConfig,
+           tp: int, r: int, padded_vocab: int) -> list[Block]:
+    """Geometry of TP rank r's share of one Megatron tensor, from the HF shapes alone."""
+    shape = shapes[0]
+    full_width = shape[1:]
+    if kind is Kind.REPLICATED:
+        return [Block((0,) * len(shape), shape, (Piece(names[0], (0, shape[0] if shape else 1), None, 0),))]
+    if kind is Kind.COLUMN:
+        n = _split(shape[0], tp, f"dim 0 of {names[0]}")
+        return [Block((r * n,) + (0,) * len(full_width), (n,) + full_width,
+                      (Piece(names[0], (r * n, (r + 1) * n), None, 0),))]
+    if kind is Kind.ROW:
+        n = _split(shape[1], tp, f"dim 1 of {names[0]}")
+        return [Block((0, r * n), (shape[0], n), (Piece(names[0], (0, shape[0]), (r * n, (r + 1) * n), 0),))]
+    if kind is Kind.VOCAB:
+        n = padded_vocab // tp
+        lo, hi = r * n, (r + 1) * n
+        real = max(0, min(hi, shape[0]) - lo)
+        pieces = [Piece(names[0], (lo, lo + real), None, 0)] if real else []
+        if real < n:
+            pieces.append(Piece(None, (0, n - real), None, real))
+        return [Block((lo,) + (0,) * len(full_width), (n,) + full_width, tuple(pieces))]
+    if kind is Kind.GLU:
+        f = shape[0]
+        n = _split(f, tp, f"ffn_hidden_size of {names[0]}")
+        return [Block((half * f + r * n,) + (0,) * len(full_width), (n,) + full_width,
+                      (Piece(names[half], (r * n, (r + 1) * n), None, 0),)) for half in (0, 1)]
+    if kind is Kind.QKV:
+        ng, d, qpg = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group
+        groups = _split(ng, tp, "num_query_groups (key/value heads)")
+        _split(cfg.num_attention_heads, tp, "num_attention_heads")
+        rows_per_group = (qpg + 2) * d
+        pieces, row = [], 0
+        for g in range(r * groups, (r + 1) * groups):
+            for src, lo, n in ((names[0], g * qpg * d, qpg * d), (names[1], g * d, d), (names[2], g * d, d)):
+                pieces.append(Piece(src, (lo, lo + n), None, row))
+                row += n
+        return [Block((r * groups * rows_per_group,) + (0,) * len(full_width), (row,) + full_width, tuple(pieces))]
+    raise AssertionError(kind)
+
+
+def full_shape(kind: Kind, shapes: list[tuple[int, ...]], padded_vocab: int) -> tuple[int, ...]:
+    """Shape of the whole Megatron tensor (what torch_dist stores, before the layer axis)."""
+    if kind is Kind.VOCAB:
+        return (padded_vocab,) + shapes[0][1:]
+    if kind in (Kind.QKV, Kind.GLU):
+        return (sum(s[0] for s in shapes),) + shapes[0][1:]
+    return shapes[0]

@@ -1,0 +1,213 @@
+"""Test harness: build and run real Megatron-Core GPTModels on CPU (gloo, torchrun).
+
+Not part of the converter. Tests use it to check that what the converter writes is exactly what
+Megatron-Core expects: strict ``load_state_dict`` of legacy files, ``dist_checkpointing.load`` of
+torch_dist folders, and logits compared against Hugging Face. Megatron-Core assumes CUDA in a few
+places; ``apply_cpu_patches`` papers over them in the test process only (see FORMATS.md section 8).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from argparse import Namespace
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+
+_PATCHED = False
+
+
+def apply_cpu_patches() -> None:
+    """Make Megatron-Core's CUDA assumptions harmless on a CPU-only gloo process. Idempotent."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    # RoPE, attention masks and the rng tracker ask for the current CUDA device; "cpu" keeps the
+    # tensors they create next to the CPU parameters.
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    # With tied embeddings and PP>1 the GPTModel constructor moves the embedding copy to CUDA.
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # fork() saves/restores CUDA rng state around dropout; there is none on CPU and dropout is 0.
+    # Patch the class so trackers re-created by model_parallel_cuda_manual_seed are covered too.
+    mrandom.CudaRNGStatesTracker.fork = lambda self, *a, **k: contextlib.nullcontext()
+    # add() would seed a CUDA generator; record the name only, so that "state is added" checks hold.
+    mrandom.CudaRNGStatesTracker.add = lambda self, name, seed: self.states_.__setitem__(name, None)
+    # MoE router uses TE's gemm when importable-looking; force the plain torch path.
+    try:
+        from megatron.core.transformer.moe import moe_utils
+
+        moe_utils.te_general_gemm = None
+    except ImportError:  # pragma: no cover - MoE package always ships with mcore 0.16
+        pass
+    _PATCHED = True
+
+
+def init_parallel(tp: int, pp: int, vpp: int | None = None, ep: int = 1, seed: int = 1234) -> None:
+    """(Re)initialise Megatron's model-parallel groups on an already initialised gloo world."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    assert dist.is_initialized(), "run under torchrun and call dist.init_process_group('gloo') first"
+    apply_cpu_patches()
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+    )
+    # Layers look up the tracker's named states during forward; seeding registers them.
+    model_parallel_cuda_manual_seed(seed)
+    # use_cpu_initialization draws the full master weight from the CPU generator and slices it per
+    # TP rank, so every rank must share the CPU seed for the shards to form one consistent tensor.
+    torch.manual_seed(seed)
+
+
+def _transformer_config(args: Namespace):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        gated_linear_unit=args.swiglu,
+        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        add_bias_linear=args.add_bias_linear,
+        add_qkv_bias=args.add_qkv_bias,
+        qk_layernorm=args.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        use_cpu_initialization=True,
+        params_dtype=torch.float32,
+        # Without these each stage would build every layer (FORMATS.md section 8).
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        pipeline_dtype=torch.float32,
+    )
+
+
+def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
+    """This rank's GPTModel chunks (one per virtual pipeline stage), local spec, float32, eval mode."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    apply_cpu_patches()
+    config = _transformer_config(args)
+    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
+    vpp = args.virtual_pipeline_model_parallel_size
+    models = []
+    for v in range(vpp or 1):
+        vp_stage = v if vpp else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_percent=args.rotary_percent,
+            rotary_base=args.rotary_base,
+            rope_scaling=bool(args.use_rope_scaling),
+            rope_scaling_factor=args.rope_scaling_factor,
+            vp_stage=vp_stage,
+        )
+        model.eval()
+        models.append(model)
+    return models
+
+
+def forward_logits(models: Sequence[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor:
+    """Full-vocab float32 logits [b, s, V_padded] on every rank; pipeline run by hand in schedule order.
+
+    Hidden states [s, b, h] go stage to stage with blocking send/recv (the pipeline ring wraps from
+    the last stage of chunk v to the first stage of chunk v+1). The last stage all-gathers the
+    vocab-parallel logits over TP and broadcasts them over the pipeline group.
+    """
+    from megatron.core import parallel_state as ps
+
+    b, s = tokens.shape
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    nchunks = len(models)
+    hidden = models[0].config.hidden_size
+    position_ids = torch.arange(s, dtype=torch.long)[None].expand(b, s).contiguous()
+    mask = torch.triu(torch.ones(s, s), 1).bool()[None, None]
+    out = None
+    with torch.no_grad():
+        for v in range(nchunks):
+            model = models[v]
+            model.eval()
+            for p in range(pp):
+                if p != pp_rank:
+                    continue
+                first = v == 0 and p == 0
+                last = v == nchunks - 1 and p == pp - 1
+                if not first:
+                    buf = torch.empty(s, b, hidden, dtype=torch.float32)
+                    dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
+                    model.set_input_tensor(buf)
+                else:
+                    model.set_input_tensor(None)
+                y = model(tokens, position_ids, mask)
+                if not last:
+                    dist.send(y.float().contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+                else:
+                    out = y
+        vocab = models[-1].vocab_size
+        if out is not None:
+            tp_group = ps.get_tensor_model_parallel_group()
+            tp = ps.get_tensor_model_parallel_world_size()
+            local = out.float().contiguous()
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(parts, local, group=tp_group)
+            out = torch.cat(parts, dim=-1).contiguous()
+        else:
+            out = torch.empty(b, s, vocab, dtype=torch.float32)
+        if pp > 1:
+            dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+    return out
+
+
+
+def sharded_state_dict(models: Sequence[torch.nn.Module]) -> Dict:
+    """What dist_checkpointing.save/load take for these chunks.
+
+    One chunk: its own sharded state dict. Several (VPP): ``{"model0": ..., "model1": ...}`` as
+    Megatron-LM's checkpointing does; the chunk's vp_stage already puts global layer offsets into
+    the ShardedTensors, so the dict nesting never reaches the DCP keys.
+    """
+    if len(models) == 1:
+        return models[0].sharded_state_dict()
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+
+
+def load_torch_dist(models: Sequence[torch.nn.Module], ckpt_dir: str) -> None:
+    """Load a torch_dist folder into the chunks the way Megatron does, then strict-load each chunk."""
+    from megatron.core import dist_checkpointing
+
+    state = dist_checkpointing.load(sharded_state_dict(models), ckpt_dir)
+    if len(models) == 1:
+        models[0].load_state_dict(state, strict=True)
+    else:
+        for i, m in enumerate(models):
+            m.load_state_dict(state[f"model{i}"], strict=True)

@@ -1,0 +1,467 @@
+"""The planner: from metadata alone, what every rank reads, sends, receives and writes.
+
+Pure data in, plain data out: no I/O, no process group. Every rank computes the same global `Plan`
+(it is deterministic in its inputs) and takes its own `RankPlan` view, so no plan is ever communicated
+and the planner can be exercised for hundreds of simulated ranks in one process.
+
+Vocabulary:
+- `Target`: one tensor (legacy) or one chunk of a global tensor (torch_dist) that a rank writes.
+- `ReadItem`: a contiguous run of whole rows of one source tensor: one positional read, by one rank.
+- `Transfer`: the part of a read item (rows x columns) that lands in one target, from reader to writer.
+- `Bucket`: the read items exchanged together; buckets bound the bytes a rank holds in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .errors import ConversionError
+from .hf_config import ModelConfig
+from .layout import DTYPES, TargetLayout
+from .mapping import Family, Piece, Rule, blocks, full_shape
+from .safetensors_index import DTYPE_SIZES, SourceTensor
+
+DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_ITEM_BYTES = 64 * 1024 * 1024
+# HF buffers that are recomputed at load time and have no Megatron counterpart.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class WriteUnit:
+    index: int
+    path: str | None  # output file relative to the save folder (legacy); None for a torch_dist chunk
+    writer: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Target:
+    index: int
+    unit: int
+    container: str | None  # legacy state-dict container ("model", "model0", ...); None for torch_dist
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name of the output
+    pieces: tuple[Piece, ...]  # dst_row in this target's dim 0
+    global_shape: tuple[int, ...] | None = None  # torch_dist only
+    global_offset: tuple[int, ...] | None = None  # torch_dist only
+    layer_axis: bool = False  # torch_dist: shape carries a leading layer axis of 1
+
+    @property
+    def rows(self) -> int:
+        """Extent of the dim the pieces' dst_row indexes."""
+        return self.shape[1] if self.layer_axis else self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def padded(self) -> bool:
+        return any(p.source is None for p in self.pieces)
+
+
+@dataclass(frozen=True)
+class ReadItem:
+    index: int
+    source: str
+    file: str
+    rows: tuple[int, int]
+    offset: int  # absolute byte offset in `file`
+    nbytes: int
+    reader: int
+
+
+@dataclass(frozen=True)
+class Transfer:
+    index: int
+    item: int
+    target: int
+    rows: tuple[int, int]  # source rows (absolute in the source tensor)
+    cols: tuple[int, int] | None
+    dst_row: int  # first row in the target
+    nbytes: int
+    src: int
+    dst: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    items: tuple[int, ...]
+    transfers: tuple[int, ...]
+
+
+@dataclass
+class RankPlan:
+    """One rank's share of the plan: the only part that rank acts on."""
+
+    rank: int
+    units: list[WriteUnit]
+    targets: list[Target]
+    # Per bucket: items this rank reads, transfers it sends (by dst) and receives (by src), in wire order.
+    reads: list[list[ReadItem]]
+    sends: list[dict[int, list[Transfer]]]
+    recvs: list[dict[int, list[Transfer]]]
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(i.nbytes for b in self.reads for i in b)
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(t.nbytes for t in self.targets)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(t.nbytes for b in self.sends for d, ts in b.items() if d != self.rank for t in ts)
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(t.nbytes for b in self.recvs for s, ts in b.items() if s != self.rank for t in ts)
+
+    @property
+    def peak_bucket_bytes(self) -> int:
+        """Largest in-flight footprint: read buffer + send buffers + receive buffers of one bucket."""
+        peak = 0
+        for reads, sends, recvs in zip(self.reads, self.sends, self.recvs):
+            n = sum(i.nbytes for i in reads)
+            n += sum(t.nbytes for ts in sends.values() for t in ts)
+            n += sum(t.nbytes for ts in recvs.values() for t in ts)
+            peak = max(peak, n)
+        return peak
+
+
+@dataclass
+class Plan:
+    layout: TargetLayout
+    world: int
+    padded_vocab: int
+    source_bytes: int  # bytes of the source tensors the conversion needs
+    units: list[WriteUnit]
+    targets: list[Target]
+    items: list[ReadItem]
+    transfers: list[Transfer]
+    buckets: list[Bucket]
+    _by_rank: dict | None = field(default=None, repr=False)
+
+    def rank_view(self, rank: int) -> RankPlan:
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank {rank} outside world {self.world}")
+        units = [u for u in self.units if u.writer == rank]
+        mine = {u.index for u in units}
+        targets = [t for t in self.targets if t.unit in mine]
+        reads, sends, recvs = [], [], []
+        for b in self.buckets:
+            reads.append([self.items[i] for i in b.items if self.items[i].reader == rank])
+            s: dict[int, list[Transfer]] = defaultdict(list)
+            r: dict[int, list[Transfer]] = defaultdict(list)
+            for ti in b.transfers:
+                t = self.transfers[ti]
+                if t.src == rank:
+                    s[t.dst].append(t)
+                if t.dst == rank:
+                    r[t.src].append(t)
+            sends.append(dict(s))
+            recvs.append(dict(r))
+        return RankPlan(rank, units, targets, reads, sends, recvs)
+
+    def accounting(self) -> list[dict]:
+        """Per-rank bytes read / written / exchanged, without building every view's lists twice."""
+        acc = [dict(rank=r, bytes_read=0, bytes_written=0, bytes_sent=0, bytes_received=0, peak_bucket_bytes=0)
+               for r in range(self.world)]
+        for it in self.items:
+            acc[it.reader]["bytes_read"] += it.nbytes
+        for u in self.units:
+            acc[u.writer]["bytes_written"] += u.nbytes
+        for b in self.buckets:
+            inflight = [0] * self.world
+            for i in b.items:
+                inflight[self.items[i].reader] += self.items[i].nbytes
+            for ti in b.transfers:
+                t = self.transfers[ti]
+                inflight[t.src] += t.nbytes
+                inflight[t.dst] += t.nbytes
+                if t.src != t.dst:
+                    acc[t.src]["bytes_sent"] += t.nbytes
+                    acc[t.dst]["bytes_received"] += t.nbytes
+            for r in range(self.world):
+                acc[r]["peak_bucket_bytes"] = max(acc[r]["peak_bucket_bytes"], inflight[r])
+        return acc
+
+    @property
+    def largest_item_bytes(self) -> int:
+        return max((i.nbytes for i in self.items), default=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets: what the output holds, as pieces of source tensors.
+
+
+def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig) -> list[Rule]:
+    """The family's rules that apply to this checkpoint, with every source tensor accounted for."""
+    rules, used = [], set()
+    for rule in family.rules:
+        layers = range(cfg.num_layers) if rule.per_layer else [None]
+        if rule.tied_to and cfg.tie_word_embeddings:
+            rules.append(rule)
+            continue
+        present = [all(n.format(i=i) in index for n in rule.hf) for i in layers]
+        if rule.optional and not any(present):
+            continue
+        for i, ok in zip(layers, present):
+            if not ok:
+                missing = next(n.format(i=i) for n in rule.hf if n.format(i=i) not in index)
+                raise ConversionError(f"source tensor {missing!r} is missing from the safetensors files "
+                                      f"(needed for {rule.megatron.format(i=i)})")
+            used.update(n.format(i=i) for n in rule.hf)
+        rules.append(rule)
+    unknown = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
+    if cfg.tie_word_embeddings:
+        unknown = [n for n in unknown if n != "lm_head.weight"]  # some tied checkpoints still store a copy
+    if unknown:
+        raise ConversionError(f"{index[unknown[0]].file}: tensor {unknown[0]!r} is not mapped by the "
+                              f"{family.name} family ({len(unknown)} unmapped tensors); refusing to drop it")
+    return rules
+
+
+def _check_shapes(rule: Rule, names: tuple[str, ...], index: dict[str, SourceTensor], cfg: ModelConfig) -> None:
+    """Shapes the config implies, so a mismatched config cannot produce a silently wrong checkpoint."""
+    h, d = cfg.hidden_size, cfg.kv_channels
+    expected: dict[str, tuple] = {}
+    kind = rule.kind.value
+    if kind == "qkv":
+        q, k, v = names
+        tail = (h,) if len(index[q].shape) == 2 else ()
+        expected = {q: (cfg.num_attention_heads * d,) + tail, k: (cfg.num_query_groups * d,) + tail,
+                    v: (cfg.num_query_groups * d,) + tail}
+    elif kind == "glu":
+        expected = {n: (cfg.ffn_hidden_size, h) for n in names}
+    elif kind == "vocab":
+        expected = {names[0]: (cfg.vocab_size, h)}
+    for n, shape in expected.items():
+        if index[n].shape != shape:
+            raise ConversionError(f"{index[n].file}: tensor {n!r} has shape {list(index[n].shape)}, "
+                                  f"config.json implies {list(shape)}")
+
+
+def _output_dtype(layout: TargetLayout, source: SourceTensor) -> str:
+    return DTYPES[layout.dtype] if layout.dtype else source.dtype
+
+
+def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig,
+                   layout: TargetLayout, padded_vocab: int) -> list[tuple[tuple, Target]]:
+    """(unit key, target) pairs; unit keys group targets into output files or DCP chunks."""
+    rules = _resolve_rules(family, index, cfg)
+    placement = layout.layer_placement(cfg.num_layers)
+    by_name = {r.megatron: r for r in rules}
+    out: list[tuple[tuple, Target]] = []
+    last_pp, last_chunk = layout.pp - 1, layout.chunks - 1
+
+    def add(unit_key, container, key, tp_rank, rule, names, layer):
+        shapes = [index[n].shape for n in names]
+        blks = blocks(rule.kind, shapes, names, cfg, layout.tp, tp_rank, padded_vocab)
+        dtype = _output_dtype(layout, index[names[0]])
+        if layout.ckpt_format == "torch":
+            pieces, row = [], 0
+            for b in blks:
+                pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
+                row += b.shape[0]
+            shape = (row,) + blks[0].shape[1:]
+            out.append((unit_key, Target(-1, -1, container, key, shape, dtype, tuple(pieces))))
+            return
+        full = full_shape(rule.kind, shapes, padded_vocab)
+        for b in blks:
+            if layer is None:
+                gshape, goff, shape = full, b.offset, b.shape
+            else:
+                gshape, goff, shape = (cfg.num_layers,) + full, (layer,) + b.offset, (1,) + b.shape
+            out.append(((key, layer, goff), Target(-1, -1, None, key, shape, dtype, b.pieces, gshape, goff,
+                                                         layer is not None)))
+
+    for rule in rules:
+        legacy = layout.ckpt_format == "torch"
+        name = rule.name(layout.transformer_impl)
+        if rule.tied_to and cfg.tie_word_embeddings:
+            if not legacy or layout.pp == 1:
+                continue  # tied and on the same stage (or torch_dist, which keys it as the embedding)
+            names = by_name[rule.tied_to].hf
+        else:
+            names = rule.hf
+        if rule.per_layer:
+            for i in range(cfg.num_layers):
+                hf = tuple(n.format(i=i) for n in names)
+                _check_shapes(rule, hf, index, cfg)
+                p, v, j = placement[i]
+                tp_ranks = range(layout.tp) if legacy or rule.kind.value != "replicated" else [0]
+                for r in tp_ranks:
+                    if legacy:
+                        add((r, p), layout.container(v), name.format(i=j), r, rule, hf, None)
+                    else:
+                        add(None, None, rule.torch_dist_key(), r, rule, hf, i)
+        else:
+            _check_shapes(rule, names, index, cfg)
+            first = rule.megatron.startswith("embedding.")
+            p, v = (0, 0) if first else (last_pp, last_chunk)
+            tp_ranks = range(layout.tp) if legacy or rule.kind.value != "replicated" else [0]
+            for r in tp_ranks:
+                if legacy:
+                    add((r, p), layout.container(v), name, r, rule, names, None)
+                else:
+                    add(None, None, rule.torch_dist_key(), r, rule, names, None)
+    return out
+
+
+def _assign_writers(unit_bytes: list[int], world: int) -> list[int]:
+    """Longest-processing-time assignment: biggest unit to the least-loaded rank (ties: lowest rank)."""
+    heap = [(0, r) for r in range(world)]
+    writer = [0] * len(unit_bytes)
+    for u in sorted(range(len(unit_bytes)), key=lambda u: (-unit_bytes[u], u)):
+        load, r = heapq.heappop(heap)
+        writer[u] = r
+        heapq.heappush(heap, (load + unit_bytes[u], r))
+    return writer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reads and transfers.
+
+
+def _piece_bytes(src: SourceTensor, p: Piece, rows: tuple[int, int]) -> int:
+    width = (p.cols[1] - p.cols[0]) * (src.row_bytes // src.shape[1]) if p.cols else src.row_bytes
+    return (rows[1] - rows[0]) * width
+
+
+def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, SourceTensor], world: int,
+                max_item_bytes: int) -> tuple[list[ReadItem], list[Transfer]]:
+    uses: dict[str, list[tuple[Piece, Target]]] = defaultdict(list)
+    for t in targets:
+        for p in t.pieces:
+            if p.source is not None:
+                uses[p.source].append((p, t))
+
+    # Cut each source into row runs at every piece boundary (and at the size cap); a run's consumers
+    # are then whole, so each run is read once and fanned out.
+    runs: list[tuple[SourceTensor, tuple[int, int], list[tuple[Piece, Target]]]] = []
+    for name in sorted(uses, key=lambda n: (index[n].file, index[n].offset)):
+        src = index[name]
+        pieces = uses[name]
+        cuts = sorted({b for p, _ in pieces for b in p.rows})
+        rows_cap = max(1, max_item_bytes // max(1, src.row_bytes))
+        for lo, hi in zip(cuts, cuts[1:]):
+            covering = [(p, t) for p, t in pieces if p.rows[0] <= lo and hi <= p.rows[1]]
+            if not covering:
+                continue
+            for a in range(lo, hi, rows_cap):
+                runs.append((src, (a, min(hi, a + rows_cap)), covering))
+
+    total = sum((r[1][1] - r[1][0]) * r[0].row_bytes for r in runs)
+    biggest = max(((r[1][1] - r[1][0]) * r[0].row_bytes for r in runs), default=0)
+    cap = total / world + biggest
+    writer_of_unit = {u.index: u.writer for u in units}
+    load = [0] * world
+    heap = [(0, r) for r in range(world)]
+    items, transfers = [], []
+    for src, rows, covering in runs:
+        nbytes = (rows[1] - rows[0]) * src.row_bytes
+        # Locality first: the rank that writes most of this run reads it, unless that breaks balance.
+        by_writer: dict[int, int] = defaultdict(int)
+        for p, t in covering:
+            by_writer[writer_of_unit[t.unit]] += _piece_bytes(src, p, rows)
+        pref = min(by_writer, key=lambda r: (-by_writer[r], r))
+        if load[pref] + nbytes <= cap:
+            reader = pref
+        else:
+            while True:  # lazy heap: skip stale entries
+                l, r = heapq.heappop(heap)
+                if l == load[r]:
+                    break
+            reader = r
+        load[reader] += nbytes
+        heapq.heappush(heap, (load[reader], reader))
+        item = ReadItem(len(items), src.name, src.file, rows, src.offset + rows[0] * src.row_bytes, nbytes, reader)
+        items.append(item)
+        for p, t in covering:
+            transfers.append(Transfer(len(transfers), item.index, t.index, rows, p.cols,
+                                      p.dst_row + rows[0] - p.rows[0], _piece_bytes(src, p, rows), reader,
+                                      writer_of_unit[t.unit]))
+    return items, transfers
+
+
+def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, bucket_bytes: int) -> list[Bucket]:
+    """Round-robin over readers so every rank reads in every bucket, within per-rank byte bounds."""
+    out_of: dict[int, list[Transfer]] = defaultdict(list)
+    for t in transfers:
+        out_of[t.item].append(t)
+    queues = [[] for _ in range(world)]
+    for it in items:
+        queues[it.reader].append(it.index)
+    heads = [0] * world
+    buckets = []
+    remaining = len(items)
+    while remaining:
+        inflight = [0] * world
+        chosen: list[int] = []
+        progress = True
+        while progress:
+            progress = False
+            for r in range(world):
+                if heads[r] == len(queues[r]):
+                    continue
+                i = queues[r][heads[r]]
+                need = defaultdict(int)
+                need[r] += items[i].nbytes
+                for t in out_of[i]:
+                    need[t.src] += t.nbytes
+                    need[t.dst] += t.nbytes
+                if chosen and any(inflight[q] + n > bucket_bytes for q, n in need.items()):
+                    continue
+                for q, n in need.items():
+                    inflight[q] += n
+                chosen.append(i)
+                heads[r] += 1
+                remaining -= 1
+                progress = True
+        chosen.sort()
+        buckets.append(Bucket(tuple(chosen), tuple(t.index for i in chosen for t in out_of[i])))
+    return buckets
+
+
+def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, layout: TargetLayout,
+              world: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+              max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> Plan:
+    """The whole job's plan; identical on every rank for identical inputs."""
+    if world < 1:
+        raise ConversionError(f"world size {world}: must be at least 1")
+    layout.validate(cfg)
+    family.check(cfg)
+    padded_vocab = layout.padded_vocab(cfg.vocab_size)
+    pairs = _build_targets(family, index, cfg, layout, padded_vocab)
+
+    unit_keys: dict[tuple, int] = {}
+    for key, _ in pairs:
+        unit_keys.setdefault(key, len(unit_keys))
+    unit_bytes = [0] * len(unit_keys)
+    targets = []
+    for key, t in pairs:
+        u = unit_keys[key]
+        t = dataclasses.replace(t, index=len(targets), unit=u)
+        unit_bytes[u] += t.nbytes
+        targets.append(t)
+    writers = _assign_writers(unit_bytes, world)
+    paths: list[str | None] = [None] * len(unit_keys)
+    if layout.ckpt_format == "torch":
+        for (tp_rank, pp_rank), u in unit_keys.items():
+            paths[u] = layout.legacy_file(tp_rank, pp_rank)
+    units = [WriteUnit(u, paths[u], writers[u], unit_bytes[u]) for u in range(len(unit_keys))]
+
+    items, transfers = _plan_reads(targets, units, index, world, max_item_bytes)
+    buckets = _plan_buckets(items, transfers, world, bucket_bytes)
+    source_bytes = sum(i.nbytes for i in items)
+    return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, transfers, buckets)

@@ -1,0 +1,55 @@
+"""Tiny, seeded, random-initialised HF models of each supported family (the embedded default and tests).
+
+Built from a transformers config, never downloaded: the demo and the test suite run on a fresh machine
+with no network.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Small enough for a 2-core CI machine, large enough that every split (heads, groups, ffn, vocab
+# padding, pipeline chunks) is non-trivial; vocab 1000 is deliberately not a multiple of 128.
+BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256, rms_norm_eps=1e-5)
+
+VARIANTS = {
+    "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=8, rope_theta=10000.0)),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192))),
+    "llama3.2": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(rope_theta=1000000.0, sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1000000.0, head_dim=32,
+                                                       tie_word_embeddings=False)),
+}
+
+
+def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", **overrides):
+    import torch
+    import transformers
+
+    config_cls, model_cls, extra = VARIANTS[variant]
+    kw = dict(BASE, **extra)
+    kw.update(overrides)
+    config = getattr(transformers, config_cls)(**kw)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config)
+    with torch.no_grad():
+        # Norm weights start at 1.0; randomise them so a mis-mapped norm cannot go unnoticed.
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+    model = model.to(getattr(torch, dtype)).eval()
+    return model
+
+
+def save_model(model, folder: str, max_shard_size: str = "200KB") -> str:
+    """save_pretrained with small shards, so multi-file indexes are always exercised."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    return folder

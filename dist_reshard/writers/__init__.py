@@ -1,0 +1,1 @@
+"""Output writers, one per Megatron checkpoint format."""

@@ -1,0 +1,22 @@
+"""`_extra_state` entries that Megatron linear layers carry in their state dicts.
+
+They hold FP8 metadata for TransformerEngine layers and nothing for local ones; converters write them as
+None so strict loads and torch_dist loads (which require them) both succeed.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Megatron linear modules inside a transformer layer; their weights' keys end in these module names.
+_LINEAR = re.compile(r"^(?P<module>.*\.(linear_qkv|linear_proj|linear_fc1|linear_fc2))\.weight$")
+
+
+def linear_modules(keys) -> list[str]:
+    """Module names (e.g. `decoder.layers.0.self_attention.linear_qkv`) owning a linear weight."""
+    out = []
+    for k in keys:
+        m = _LINEAR.match(k)
+        if m:
+            out.append(m.group("module"))
+    return out

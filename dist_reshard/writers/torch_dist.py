@@ -1,0 +1,78 @@
+"""Megatron `torch_dist` checkpoints written directly with torch.distributed.checkpoint (DCP).
+
+No Megatron model is built: every rank hands DCP the chunks it holds as a torch ShardedTensor whose
+global metadata (every chunk of the tensor, on every rank) comes from the shared plan, under Megatron's
+keys and global shapes. Megatron's loader reshards from there, so any chunking that tiles the tensor
+loads into any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from argparse import Namespace
+from collections import defaultdict
+
+import torch
+
+from ..rank_plan import Plan, Target
+from .extra_state import linear_modules
+
+_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+            "common_backend": "torch", "common_backend_version": 1}
+
+
+def _extra_state_objects(plan: Plan) -> dict[str, io.BytesIO]:
+    """One serialized None per linear module and layer, keyed as Megatron's ShardedObjects are."""
+    out = {}
+    for t in plan.targets:
+        for module in linear_modules([t.key]):
+            if t.global_offset is None or len(t.global_shape) < 3:
+                continue
+            layer, layers = t.global_offset[0], t.global_shape[0]
+            key = f"{module}._extra_state/shard_{layer}_{layers}"
+            if key not in out:
+                buf = io.BytesIO()
+                torch.save([None], buf)
+                out[key] = buf
+    return out
+
+
+def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], common: dict) -> None:
+    """Collective: every rank calls it with the tensors of its own targets (by target index)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed._shard.metadata import ShardMetadata
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
+    from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
+
+    writer_of = {u.index: u.writer for u in plan.units}
+    chunks: dict[str, list[Target]] = defaultdict(list)
+    for t in plan.targets:
+        chunks[t.key].append(t)
+    state: dict = {}
+    for key, targets in chunks.items():
+        local = [t for t in targets if writer_of[t.unit] == rank]
+        if not local:
+            continue
+        meta = {t.index: ShardMetadata(list(t.global_offset), list(t.shape), f"rank:{writer_of[t.unit]}/cpu")
+                for t in targets}
+        global_meta = ShardedTensorMetadata(
+            list(meta.values()), torch.Size(targets[0].global_shape),
+            TensorProperties(dtype=_TORCH_DTYPES[targets[0].dtype]))
+        shards = [Shard(tensors[t.index], meta[t.index]) for t in local]
+        state[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
+            shards, sharded_tensor_metadata=global_meta, process_group=None)
+    if rank == 0:
+        state.update(_extra_state_objects(plan))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True))
+    if rank == 0:
+        torch.save(common, os.path.join(folder, "common.pt"))
+        with open(os.path.join(folder, "metadata.json"), "w") as f:
+            json.dump(METADATA, f)
+
+
+def common_state(args: Namespace) -> dict:
+    return {"args": args, "checkpoint_version": 3.0, "iteration": args.iteration}

@@ -1,0 +1,61 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from dist_reshard.tiny_models import VARIANTS, build_model, save_model  # noqa: E402
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """A real multi-process torchrun job on gloo (CPU), from the repository root."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+           "--standalone", *args]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def run_cases(nproc: int, cases: list[dict], workdir) -> None:
+    path = os.path.join(str(workdir), f"cases_{nproc}.json")
+    with open(path, "w") as f:
+        json.dump(cases, f)
+    torchrun(nproc, "tests/workers/convert_many.py", path, timeout=900)
+
+
+@pytest.fixture(scope="session")
+def hf_models(tmp_path_factory):
+    """Each family variant as a tiny seeded float32 HF folder with several safetensors shards."""
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for variant in VARIANTS:
+        folder = str(root / variant)
+        model = build_model(variant, seed=sum(map(ord, variant)))
+        save_model(model, folder)
+        out[variant] = folder
+    return out
+
+
+def load_hf_state(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            state.update(load_file(os.path.join(folder, name)))
+    return state
+
+
+def load_hf_config(folder: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(folder)

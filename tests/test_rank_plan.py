@@ -1,0 +1,129 @@
+"""The planner on its own: pure, property-checked on random models/layouts/worlds, and fast at 405B scale."""
+
+import time
+from collections import defaultdict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dist_reshard.errors import ConversionError
+from dist_reshard.families import family_for
+from dist_reshard.layout import TargetLayout
+from dist_reshard.rank_plan import make_plan
+from synthetic import LLAMA_405B, synthetic
+
+
+@st.composite
+def model_and_layout(draw):
+    tp = draw(st.sampled_from([1, 2, 4]))
+    pp = draw(st.sampled_from([1, 2, 3]))
+    vpp = draw(st.sampled_from([None, 2])) if pp > 1 else None
+    groups = tp * draw(st.integers(1, 2))
+    heads = groups * draw(st.integers(1, 3))
+    d = draw(st.sampled_from([4, 8]))
+    arch = draw(st.sampled_from(["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]))
+    cfg = dict(architectures=[arch], model_type="x", hidden_size=draw(st.sampled_from([16, 24, 32])),
+               intermediate_size=tp * draw(st.integers(1, 6)) * 4, num_hidden_layers=pp * (vpp or 1) * draw(st.integers(1, 2)),
+               num_attention_heads=heads, num_key_value_heads=groups, head_dim=d,
+               vocab_size=draw(st.integers(5, 300)), tie_word_embeddings=draw(st.booleans()))
+    layout = TargetLayout(tp=tp, pp=pp, vpp=vpp, ckpt_format=draw(st.sampled_from(["torch", "torch_dist"])),
+                          make_vocab_size_divisible_by=draw(st.sampled_from([1, 8, 128])),
+                          dtype=draw(st.sampled_from([None, "fp32"])))
+    world = draw(st.integers(1, 9))
+    bucket = draw(st.sampled_from([512, 4096, 1 << 20]))
+    max_item = draw(st.sampled_from([64, 1000, 1 << 20]))
+    return cfg, layout, world, bucket, max_item
+
+
+def check_plan(plan, index):
+    # Every needed source byte is read by exactly one rank: items of a tensor tile its rows exactly once.
+    rows_read = defaultdict(list)
+    for it in plan.items:
+        src = index[it.source]
+        assert it.offset == src.offset + it.rows[0] * src.row_bytes
+        assert it.nbytes == (it.rows[1] - it.rows[0]) * src.row_bytes
+        rows_read[it.source].append(it.rows)
+    needed = {p.source for t in plan.targets for p in t.pieces if p.source}
+    assert set(rows_read) == needed
+    for name, runs in rows_read.items():
+        runs.sort()
+        assert runs[0][0] == 0 and runs[-1][1] == index[name].rows
+        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:])), f"{name}: gaps or overlaps {runs}"
+    # Every target element is produced exactly once: transfers and padding tile each target's rows,
+    # each at the target's full width.
+    writer = {u.index: u.writer for u in plan.units}
+    covered = defaultdict(list)
+    for tr in plan.transfers:
+        item, target = plan.items[tr.item], plan.targets[tr.target]
+        assert tr.src == item.reader and tr.dst == writer[target.unit]
+        assert item.rows[0] <= tr.rows[0] < tr.rows[1] <= item.rows[1]
+        src = index[item.source]
+        width = (tr.cols[1] - tr.cols[0]) if tr.cols else (src.shape[1] if len(src.shape) > 1 else 1)
+        target_width = target.nbytes // target.rows // {"BF16": 2, "F32": 4}[target.dtype]
+        assert width == target_width
+        covered[tr.target].append((tr.dst_row, tr.dst_row + tr.rows[1] - tr.rows[0]))
+    for t in plan.targets:
+        spans = sorted(covered[t.index] + [(p.dst_row, p.dst_row + p.nrows) for p in t.pieces if p.source is None])
+        assert spans[0][0] == 0 and spans[-1][1] == t.rows, t.key
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), f"{t.key}: {spans}"
+    # Buckets partition the items and carry exactly their transfers.
+    seen = sorted(i for b in plan.buckets for i in b.items)
+    assert seen == list(range(len(plan.items)))
+    assert sorted(t for b in plan.buckets for t in b.transfers) == list(range(len(plan.transfers)))
+    # Reading is balanced: no rank reads more than its share plus one item.
+    acc = plan.accounting()
+    for a in acc:
+        assert a["bytes_read"] <= plan.source_bytes / plan.world + plan.largest_item_bytes
+    assert sum(a["bytes_read"] for a in acc) == plan.source_bytes
+    # Each rank's view agrees with the global accounting.
+    for r in range(plan.world):
+        view = plan.rank_view(r)
+        assert view.bytes_read == acc[r]["bytes_read"] and view.bytes_sent == acc[r]["bytes_sent"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model_and_layout())
+def test_plan_properties(params):
+    cfg, layout, world, bucket, max_item = params
+    config, index = synthetic(cfg, "F32")
+    plan = make_plan(family_for(cfg["architectures"][0]), index, config, layout, world, bucket, max_item)
+    check_plan(plan, index)
+
+
+def test_plan_is_deterministic():
+    config, index = synthetic(dict(LLAMA_405B, num_hidden_layers=8))
+    layout = TargetLayout(tp=8, pp=2)
+    a = make_plan(family_for("LlamaForCausalLM"), index, config, layout, 16)
+    b = make_plan(family_for("LlamaForCausalLM"), index, config, layout, 16)
+    assert a.items == b.items and a.transfers == b.transfers and a.buckets == b.buckets
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_405b_plan_for_256_ranks_in_seconds(fmt):
+    config, index = synthetic(LLAMA_405B)
+    start = time.perf_counter()
+    plan = make_plan(family_for("LlamaForCausalLM"), index, config, TargetLayout(tp=8, pp=14, ckpt_format=fmt), 256)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"planning took {elapsed:.1f}s"  # a generous guard; the benchmark reports the figure
+    acc = plan.accounting()
+    share = plan.source_bytes / 256
+    assert max(a["bytes_read"] for a in acc) <= share + plan.largest_item_bytes
+    assert min(a["bytes_read"] for a in acc) > 0
+    assert sum(a["bytes_read"] for a in acc) == plan.source_bytes  # read once in total
+    assert plan.source_bytes == sum(t.nbytes for t in index.values())
+
+
+@pytest.mark.parametrize("change,flag", [
+    (dict(num_attention_heads=12, num_key_value_heads=12), "--tp 8: num_attention_heads = 12"),
+    (dict(num_key_value_heads=4), "--tp 8: num_query_groups (num_key_value_heads) = 4"),
+    (dict(num_hidden_layers=7), "--pp 2: num_hidden_layers = 7"),
+    (dict(intermediate_size=100), "--tp 8: ffn_hidden_size (intermediate_size) = 100"),
+])
+def test_layout_refusals_name_the_flag(change, flag):
+    cfg = dict(LLAMA_405B, num_hidden_layers=8, hidden_size=64, num_attention_heads=16,
+               num_key_value_heads=8, intermediate_size=128, vocab_size=100)
+    cfg.update(change)
+    config, index = synthetic(cfg)
+    with pytest.raises(ConversionError, match=flag.replace("(", r"\(").replace(")", r"\)")):
+        make_plan(family_for("LlamaForCausalLM"), index, config, TargetLayout(tp=8, pp=2), 4)

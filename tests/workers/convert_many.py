@@ -1,0 +1,27 @@
+"""torchrun worker: runs several conversions in one process group (start-up paid once).
+
+argv[1] is a JSON file with a list of cases; each case's job report is written next to its output.
+"""
+
+import json
+import os
+import sys
+
+if __name__ == "__main__":
+    from dist_reshard import collectives
+    from dist_reshard.convert import Options, run
+    from dist_reshard.layout import TargetLayout
+
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)
+    for case in cases:
+        layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
+                              transformer_impl=case.get("impl", "transformer_engine"), dtype=case.get("dtype"))
+        job = run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True,
+                          bucket_bytes=case.get("bucket_bytes", 256 << 20)))
+        if collectives.rank() == 0:
+            with open(case["save"] + ".report.json", "w") as f:
+                json.dump(job, f, default=str)
+    collectives.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

@@ -69,9 +69,9 @@ def agree(error: BaseException | None, device: torch.device) -> None:
         return
     messages: list = [None] * world()
     dist.all_gather_object(messages, None if error is None else str(error))
-    first = next(r for r, m in enumerate(messages) if m is not None)
-    if error is not None and first == rank():
+    if error is not None:
         raise error
+    first = next(r for r, m in enumerate(messages) if m is not None)
     raise ConversionError(f"{messages[first]} (reported by rank {first})")
 
 

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = run(opts)
     except ConversionError as e:
-        print(f"dist_reshard: error: {e}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"dist_reshard: error: {e}\n")  # one write: ranks' lines never interleave
+        sys.stderr.flush()
         collectives.shutdown()
         return 1
     if collectives.rank() == 0:

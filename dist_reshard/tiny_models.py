@@ -16,7 +16,8 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
 VARIANTS = {
     "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=8, rope_theta=10000.0)),
     "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
-    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, rope_scaling=dict(
+    "llama3.1": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, max_position_embeddings=16384,
+                                                          rope_scaling=dict(
         rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=8192))),
     "llama3.2": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0, tie_word_embeddings=True)),

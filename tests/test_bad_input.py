@@ -1,0 +1,126 @@
+"""Bad input through the real CLI under torchrun: a clear first line naming the culprit, on every rank,
+a non-zero exit within seconds, and nothing at --save."""
+
+import json
+import os
+import shutil
+import struct
+import time
+
+import pytest
+
+from conftest import torchrun
+
+
+def _copy(hf_models, tmp_path, variant="llama3"):
+    dst = tmp_path / "hf"
+    shutil.copytree(hf_models[variant], dst)
+    return dst
+
+
+def _shards(folder):
+    return sorted(p for p in os.listdir(folder) if p.endswith(".safetensors"))
+
+
+def _rewrite_header(path, mutate):
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    mutate(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def _truncate(folder):
+    path = os.path.join(folder, _shards(folder)[0])
+    os.truncate(path, os.path.getsize(path) - 100)
+    return os.path.basename(path)
+
+
+def _offsets_outside(folder):
+    path = os.path.join(folder, _shards(folder)[1])
+
+    def mutate(header):
+        name = next(k for k in header if k != "__metadata__")
+        b, e = header[name]["data_offsets"]
+        header[name]["data_offsets"] = [b + 10**9, e + 10**9]
+    _rewrite_header(path, mutate)
+    return os.path.basename(path)
+
+
+def _missing_shard(folder):
+    name = _shards(folder)[-1]
+    os.remove(os.path.join(folder, name))
+    return name
+
+
+def _vocab_mismatch(folder):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["vocab_size"] = 1001
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return "model.embed_tokens.weight"
+
+
+def _unsupported(folder):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return "unsupported architecture 'GPT2LMHeadModel'"
+
+
+CASES = {
+    "heads": (None, ["--tp", "3"], "--tp 3: num_attention_heads = 8"),
+    "query_groups": (None, ["--tp", "8"], "--tp 8: num_query_groups (num_key_value_heads) = 4"),
+    "layers": (None, ["--pp", "3"], "--pp 3: num_hidden_layers = 4"),
+    "vpp_layers": (None, ["--pp", "2", "--vpp", "4"], "--pp 2 x --vpp 4: num_hidden_layers = 4"),
+    "vocab_divisor": (None, ["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by 0"),
+    "vocab_shape": (_vocab_mismatch, [], None),
+    "missing_shard": (_missing_shard, [], None),
+    "truncated": (_truncate, [], None),
+    "offsets_outside_file": (_offsets_outside, [], None),
+    "unsupported_architecture": (_unsupported, [], None),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_fails_on_every_rank(hf_models, tmp_path, case):
+    mutate, flags, expected = CASES[case]
+    load = _copy(hf_models, tmp_path)
+    if mutate:
+        expected = mutate(str(load))
+    save = tmp_path / "out"
+    start = time.monotonic()
+    proc = torchrun(2, "-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--load", str(load),
+                    "--save", str(save), *flags, timeout=120, check=False)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "dist_reshard: error:" in line]
+    assert len(errors) == 2, proc.stderr[-3000:]  # one line per rank
+    assert all(expected in e for e in errors), (expected, errors)
+    assert elapsed < 60
+    assert not save.exists()
+    assert not any(p.name.endswith("dist_reshard-staging") for p in tmp_path.iterdir())
+
+
+def test_existing_save_is_refused_without_overwrite(hf_models, tmp_path):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "keep.txt").write_text("user data")
+    args = ["-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--load", hf_models["llama3"],
+            "--save", str(save), "--tp", "2"]
+    proc = torchrun(2, *args, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "dist_reshard: error:" in line]
+    assert len(errors) == 2 and all("exists and is not empty; pass --overwrite" in e for e in errors)
+    assert sorted(os.listdir(save)) == ["keep.txt"]
+    torchrun(2, *args, "--overwrite", "--quiet")
+    assert sorted(os.listdir(save)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]

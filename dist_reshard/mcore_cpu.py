@@ -190,24 +190,24 @@ def forward_logits(models: Sequence[torch.nn.Module], tokens: torch.Tensor) -> t
 
 
 def sharded_state_dict(models: Sequence[torch.nn.Module]) -> Dict:
-    """What dist_checkpointing.save/load take for these chunks.
+    """What dist_checkpointing.save/load take for these chunks, nested as Megatron-LM nests them.
 
-    One chunk: its own sharded state dict. Several (VPP): ``{"model0": ..., "model1": ...}`` as
-    Megatron-LM's checkpointing does; the chunk's vp_stage already puts global layer offsets into
-    the ShardedTensors, so the dict nesting never reaches the DCP keys.
+    ``{"model": ...}`` for one chunk, ``{"model0": ..., "model1": ...}`` with VPP; the chunk's
+    vp_stage already puts global layer offsets into the ShardedTensors, so the nesting never reaches
+    the DCP keys. The common state (args, iteration, ...) merges in beside these keys on load.
     """
     if len(models) == 1:
-        return models[0].sharded_state_dict()
+        return {"model": models[0].sharded_state_dict()}
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
 
 
-def load_torch_dist(models: Sequence[torch.nn.Module], ckpt_dir: str) -> None:
-    """Load a torch_dist folder into the chunks the way Megatron does, then strict-load each chunk."""
+def load_torch_dist(models: Sequence[torch.nn.Module], ckpt_dir: str) -> Dict:
+    """Load a torch_dist folder into the chunks the way Megatron does, strict-load each chunk, and
+    return the loaded common state (args, iteration, checkpoint_version)."""
     from megatron.core import dist_checkpointing
 
     state = dist_checkpointing.load(sharded_state_dict(models), ckpt_dir)
-    if len(models) == 1:
-        models[0].load_state_dict(state, strict=True)
-    else:
-        for i, m in enumerate(models):
-            m.load_state_dict(state[f"model{i}"], strict=True)
+    names = ["model"] if len(models) == 1 else [f"model{i}" for i in range(len(models))]
+    for name, model in zip(names, models):
+        model.load_state_dict(state.pop(name), strict=True)
+    return state

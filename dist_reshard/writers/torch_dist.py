@@ -41,6 +41,23 @@ def _extra_state_objects(plan: Plan) -> dict[str, io.BytesIO]:
     return out
 
 
+def _planner_class():
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    class PreSerializedPlanner(DefaultSavePlanner):
+        """Store BytesIO objects as they are: Megatron reads each one back with a single torch.load,
+        and the default planner would pickle the BytesIO wrapper around them instead."""
+
+        def transform_object(self, write_item, object):
+            return object if isinstance(object, io.BytesIO) else super().transform_object(write_item, object)
+
+    return PreSerializedPlanner
+
+
+def _PreSerializedPlanner():
+    return _planner_class()()
+
+
 def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], common: dict) -> None:
     """Collective: every rank calls it with the tensors of its own targets (by target index)."""
     import torch.distributed.checkpoint as dcp
@@ -67,7 +84,7 @@ def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], c
             shards, sharded_tensor_metadata=global_meta, process_group=None)
     if rank == 0:
         state.update(_extra_state_objects(plan))
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True), planner=_PreSerializedPlanner())
     if rank == 0:
         torch.save(common, os.path.join(folder, "common.pt"))
         with open(os.path.join(folder, "metadata.json"), "w") as f:

@@ -1,0 +1,67 @@
+"""torchrun worker: convert, then load the output into real Megatron-Core GPTModels on CPU and compare
+the Megatron forward's logits with the HF model's.
+
+argv[1]: JSON list of cases {load, save, format, tp, pp, vpp, impl, load_tp, load_pp, load_vpp};
+argv[2]: JSON results written by rank 0 (one entry per case: max relative logits difference, keys).
+The world size must equal load_tp * load_pp for every case.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from dist_reshard import collectives, mcore_cpu
+    from dist_reshard.convert import Options, run
+    from dist_reshard.layout import TargetLayout
+    from dist_reshard.mapping import padded_vocab_size
+
+    with open(sys.argv[1]) as f:
+        cases = json.load(f)
+    results = []
+    for case in cases:
+        layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
+                              transformer_impl=case.get("impl", "local"))
+        run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True))
+        me = dist.get_rank()
+        ltp, lpp, lvpp = case.get("load_tp", case["tp"]), case.get("load_pp", case["pp"]), case.get("load_vpp", case.get("vpp"))
+        mcore_cpu.init_parallel(ltp, lpp, lvpp)
+        from megatron.core import parallel_state as ps
+
+        folder = os.path.join(case["save"], "iter_0000001")
+        if case["format"] == "torch":
+            tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+            name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if lpp > 1 else "")
+            state = torch.load(os.path.join(folder, name, "model_optim_rng.pt"), weights_only=False)
+            args = state["args"]
+            models = mcore_cpu.build_gpt_models(args)
+            for v, model in enumerate(models):
+                model.load_state_dict(state[f"model{v}" if lvpp else "model"], strict=True)
+        else:
+            args = torch.load(os.path.join(folder, "common.pt"), weights_only=False)["args"]
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size = ltp, lpp
+            args.virtual_pipeline_model_parallel_size = lvpp
+            args.padded_vocab_size = padded_vocab_size(args.true_vocab_size, args.make_vocab_size_divisible_by, ltp)
+            models = mcore_cpu.build_gpt_models(args)
+            mcore_cpu.load_torch_dist(models, folder)
+        gen = torch.Generator().manual_seed(7)
+        tokens = torch.randint(0, args.true_vocab_size, (2, 12), generator=gen)
+        logits = mcore_cpu.forward_logits(models, tokens)[..., :args.true_vocab_size]
+        if me == 0:
+            hf = AutoModelForCausalLM.from_pretrained(case["load"], dtype=torch.float32).eval()
+            with torch.no_grad():
+                expected = hf(tokens).logits.float()
+            rel = ((logits - expected).abs().max() / expected.abs().max()).item()
+            results.append(dict(case, rel_diff=rel))
+        dist.barrier()
+    if dist.get_rank() == 0:
+        with open(sys.argv[2], "w") as f:
+            json.dump(results, f)
+    collectives.shutdown()
+    sys.stdout.flush()
+    os._exit(0)

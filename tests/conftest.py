@@ -42,6 +42,10 @@ def hf_models(tmp_path_factory):
         model = build_model(variant, seed=sum(map(ord, variant)))
         save_model(model, folder)
         out[variant] = folder
+    # A bf16 source: the dtype most published checkpoints use.
+    folder = str(root / "llama3_bf16")
+    save_model(build_model("llama3", seed=5, dtype="bfloat16"), folder)
+    out["llama3_bf16"] = folder
     return out
 
 

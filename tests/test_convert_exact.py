@@ -35,7 +35,15 @@ def _cases(hf_models, root, world, variants, impls=("transformer_engine",)):
 def converted(hf_models, tmp_path_factory):
     """All cases run up front: 2 ranks for every family, 3 and 4 ranks (N != TxP) for two of them."""
     root = str(tmp_path_factory.mktemp("out"))
-    by_world = {2: _cases(hf_models, root, 2, VARIANTS) + _cases(hf_models, root, 2, ("llama3",), ("local",)),
+    dtype_cases = [dict(name="bf16-source-torch", load=hf_models["llama3_bf16"], format="torch", tp=2, pp=2),
+                   dict(name="bf16-source-torch_dist", load=hf_models["llama3_bf16"], format="torch_dist", tp=2, pp=2),
+                   dict(name="cast-bf16-torch", load=hf_models["llama3"], format="torch", tp=2, pp=1, dtype="bf16"),
+                   dict(name="cast-fp16-torch_dist", load=hf_models["llama3"], format="torch_dist", tp=1, pp=2,
+                        dtype="fp16")]
+    for c in dtype_cases:
+        c.update(save=os.path.join(root, c["name"]), impl="transformer_engine")
+    by_world = {2: _cases(hf_models, root, 2, VARIANTS) + _cases(hf_models, root, 2, ("llama3",), ("local",))
+                + dtype_cases,
                 3: _cases(hf_models, root, 3, ("qwen3",)),
                 4: _cases(hf_models, root, 4, ("llama3.2", "qwen2"))}
     for world, cases in by_world.items():
@@ -51,8 +59,18 @@ def _assert_bitwise(actual: torch.Tensor, expected: torch.Tensor, what: str):
     assert torch.equal(a, b), f"{what}: values differ"
 
 
-def check_legacy(case):
+_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _source(case):
     hf = load_hf_state(case["load"])
+    if case.get("dtype"):
+        hf = {k: v.to(_TORCH[case["dtype"]]) for k, v in hf.items()}  # the reference casts whole tensors
+    return hf
+
+
+def check_legacy(case):
+    hf = _source(case)
     config = load_hf_config(case["load"])
     expected = legacy_files(hf, config, case["tp"], case["pp"], case.get("vpp"), case["impl"])
     root = os.path.join(case["save"], "iter_0000001")
@@ -78,7 +96,7 @@ def check_legacy(case):
 
 
 def check_torch_dist(case, tmp_path):
-    hf = load_hf_state(case["load"])
+    hf = _source(case)
     config = load_hf_config(case["load"])
     folder = os.path.join(case["save"], "iter_0000001")
     for f in ("metadata.json", "common.pt", ".metadata"):
@@ -135,3 +153,21 @@ def test_each_source_byte_read_once(converted, name):
                  for f in os.listdir(converted[name]["load"]) if f.endswith(".safetensors"))
     assert job["source_bytes"] <= source
     assert all(r > 0 for r in reads), "every rank shares the reading"
+
+
+@pytest.mark.parametrize("name", ["bf16-source-torch", "bf16-source-torch_dist", "cast-bf16-torch",
+                                  "cast-fp16-torch_dist"])
+def test_dtypes(converted, name, tmp_path):
+    case = converted[name]
+    check_legacy(case) if case["format"] == "torch" else check_torch_dist(case, tmp_path)
+
+
+def test_report_has_phases_rss_and_bytes(converted):
+    import json
+
+    with open(converted["llama3-tp2pp2-torch-transformer_engine-n2"]["save"] + ".report.json") as f:
+        job = json.load(f)
+    for r in job["ranks"]:
+        assert set(r["phases"]) >= {"plan", "read", "exchange", "write"}
+        assert r["peak_rss_bytes"] > 10 * 2**20 and r["bytes_written"] > 0
+    assert job["read_amplification"] == 1.0

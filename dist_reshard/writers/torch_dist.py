@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from argparse import Namespace
 from collections import defaultdict
 
@@ -80,11 +81,16 @@ def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], c
             list(meta.values()), torch.Size(targets[0].global_shape),
             TensorProperties(dtype=_TORCH_DTYPES[targets[0].dtype]))
         shards = [Shard(tensors[t.index], meta[t.index]) for t in local]
-        state[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            state[key] = ShardedTensor._init_from_local_shards_and_global_metadata(
             shards, sharded_tensor_metadata=global_meta, process_group=None)
     if rank == 0:
         state.update(_extra_state_objects(plan))
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True), planner=_PreSerializedPlanner())
+    with warnings.catch_warnings():
+        # ShardedTensor is deprecated in favour of DTensor, whose even grid cannot express our chunks.
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True), planner=_PreSerializedPlanner())
     if rank == 0:
         torch.save(common, os.path.join(folder, "common.pt"))
         with open(os.path.join(folder, "metadata.json"), "w") as f:

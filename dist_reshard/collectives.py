@@ -75,6 +75,20 @@ def agree(error: BaseException | None, device: torch.device) -> None:
     raise ConversionError(f"{messages[first]} (reported by rank {first})")
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank src's object on every rank (small metadata only: pickled)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """Every rank's object, on every rank (small metadata only: pickled)."""
+    out: list = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def exchange(sends: dict[int, torch.Tensor], recv_bytes: dict[int, int], device: torch.device) -> dict[int, torch.Tensor]:
     """All-to-all of flat uint8 buffers: sends[d] goes to rank d; returns what each source rank sent here."""
     n = world()

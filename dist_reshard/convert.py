@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import collectives
+from . import __version__, collectives, faults, manifest
 from .errors import ConversionError
 from .families import family_for
 from .hf_config import read_config
@@ -43,6 +43,9 @@ class Options:
     device: str = "auto"
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
     report: str | None = None
+    resume: bool = False
+    timeout_s: float = 1800.0
+    command: list | None = None
 
 
 @dataclass
@@ -82,6 +85,17 @@ def _plan(opts: Options) -> tuple[Plan, object, object, dict]:
     index = index_folder(opts.load)
     plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes)
     return plan, cfg, family, index
+
+
+def _job_identity(opts: Options, index: dict) -> dict:
+    files = sorted({t.file for t in index.values()})
+    return {"tool": "dist_reshard", "version": __version__, "source": manifest.source_fingerprint(files),
+            "layout": dict(opts.layout.__dict__), "world_size": collectives.world()}
+
+
+def _dcp_files(world: int) -> list[str]:
+    names = [f"__{r}_0.distcp" for r in range(world)] + [".metadata", "common.pt", "metadata.json"]
+    return [f"{ITERATION_DIR}/{n}" for n in names]
 
 
 def _allocate(targets: list[Target]) -> dict[int, torch.Tensor]:
@@ -130,10 +144,16 @@ def _unpack(buf: torch.Tensor, transfers, tensors: dict[int, torch.Tensor], targ
 
 
 def _publish(opts: Options, staging: str) -> None:
-    """Rank 0 only: swap the finished staging folder into place."""
+    """Rank 0 only: swap the finished staging folder into place. An existing --save (allowed only with
+    --overwrite) is moved aside first and deleted last, so a crash never leaves neither."""
+    old = None
     if os.path.exists(opts.save):
-        shutil.rmtree(opts.save)
+        old = staging.replace("-staging", "-replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(opts.save, old)
     os.rename(staging, opts.save)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
     fd = os.open(os.path.dirname(os.path.abspath(opts.save)), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -143,7 +163,7 @@ def _publish(opts: Options, staging: str) -> None:
 
 def run(opts: Options) -> dict:
     """Run this rank's part of the job; returns the job report (complete on rank 0)."""
-    device = collectives.init(opts.device)
+    device = collectives.init(opts.device, opts.timeout_s)
     me = collectives.rank()
     report = RankReport(me)
     clock = time.perf_counter()
@@ -155,11 +175,12 @@ def run(opts: Options) -> dict:
         clock = now
 
     err: BaseException | None = None
-    plan = view = cfg = family = index = None
+    plan = view = cfg = family = index = identity = None
     try:
         _check_destination(opts)
         plan, cfg, family, index = _plan(opts)
         view = plan.rank_view(me)
+        identity = _job_identity(opts, index)
     except ConversionError as e:
         err = e
     collectives.agree(err, device)
@@ -169,25 +190,41 @@ def run(opts: Options) -> dict:
         return _finish(report, plan, opts, dry_run=True)
 
     staging = staging_path(opts.save)
+    key = manifest.job_key(identity)
+    err, done = None, {}
     try:
-        err = None
         if me == 0:
-            if os.path.exists(staging):
+            if os.path.exists(staging) and not opts.resume:
                 shutil.rmtree(staging)  # left by a killed run; never the user's --save
-            os.makedirs(os.path.join(staging, ITERATION_DIR))
+            os.makedirs(os.path.join(staging, ITERATION_DIR), exist_ok=True)
+            done = manifest.completed(staging, key) if opts.resume else {}
     except OSError as e:
         err = ConversionError(f"--save {opts.save}: cannot create staging folder {staging} ({e.strerror})")
     collectives.agree(err, device)
+    done = collectives.broadcast_object(done)
+    if done:
+        # Resume: only the files not already complete are planned, read and written again.
+        if opts.layout.ckpt_format == "torch":
+            plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
+                             skip_paths=frozenset(done))
+            view = plan.rank_view(me)
+        elif not all(f in done for f in _dcp_files(collectives.world())):
+            done = {}  # DCP writes its files in one collective: redo them together
     try:
-        _convert(opts, plan, view, cfg, family, index, staging, report, phase, device)
-    except BaseException:
+        _convert(opts, plan, view, cfg, family, index, staging, report, phase, device, key, done, identity)
+    except ConversionError:
         if me == 0:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)  # bad input or a full disk: nothing to resume
         raise
+    except Exception as e:
+        # A peer died or a collective broke: keep the finished files for --resume.
+        raise ConversionError(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                              f"(finished files kept in {staging}; rerun with --resume)") from e
     return _finish(report, plan, opts, dry_run=False)
 
 
-def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, report, phase, device) -> None:
+def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, report, phase, device, key, done,
+             identity) -> None:
     me = view.rank
     for name, src in index.items():
         _WIDTHS[name] = src.shape[1] if len(src.shape) > 1 else 1
@@ -200,14 +237,16 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         for b, reads in enumerate(view.reads):
             err, data = None, {}
             try:
+                faults.maybe_fail(me, "read")
                 for item in reads:
                     data[item.index] = reader.read(item)
-            except ConversionError as e:
+            except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
                 err = e
             phase("read")
             collectives.agree(err, device)
             sends = {d: _pack(data, ts, plan.items) for d, ts in view.sends[b].items()}
             recv_bytes = {s: sum(t.nbytes for t in ts) for s, ts in view.recvs[b].items()}
+            faults.maybe_fail(me, "exchange")
             got = collectives.exchange(sends, recv_bytes, device)
             for s, ts in view.recvs[b].items():
                 _unpack(got[s], ts, tensors, targets, source_dtype, plan.items)
@@ -222,31 +261,51 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     qk_norm = any("q_layernorm" in t.key for t in plan.targets)
     args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, cfg.dtype, qk_norm, qkv_bias)
     folder = os.path.join(staging, ITERATION_DIR)
-    err = None
+    err, records = None, []
     try:
         if opts.layout.ckpt_format == "torch":
             for unit in view.units:
                 containers: dict[str, dict[str, torch.Tensor]] = {}
                 for t in view.targets:
                     if t.unit == unit.index:
-                        containers.setdefault(t.container, {})[t.key] = tensors[t.index]
+                        containers.setdefault(t.container, {})[t.key] = tensors.pop(t.index)
                 report.bytes_written += legacy.write_file(os.path.join(staging, unit.path), containers, args)
+                records.append(manifest.record_done(staging, unit.path, key))
+                faults.maybe_fail(me, "write")
     except OSError as e:
         err = ConversionError(f"--save {opts.save}: write failed ({e.strerror})")
-    if opts.layout.ckpt_format != "torch":
+    except Exception as e:  # noqa: BLE001
+        err = e
+    if opts.layout.ckpt_format != "torch" and not done:
         try:
-            torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args))
+            torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key)
+            mine = [f for f in _dcp_files(plan.world) if os.path.basename(f).startswith(f"__{me}_")
+                    or (me == 0 and not os.path.basename(f).startswith("__"))]
+            for rel in mine:
+                records.append(manifest.record_done(staging, rel, key))
+                report.bytes_written += records[-1]["size"]
         except OSError as e:
             err = ConversionError(f"--save {opts.save}: write failed ({e.strerror})")
-        report.bytes_written = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
-                                   if f.startswith(f"__{me}_"))
     tensors.clear()
     phase("write")
     collectives.agree(err, device)
+    everything = collectives.gather_objects(records)
     err = None
     if me == 0:
         try:
+            files = {r["path"]: r for rank_records in everything for r in rank_records}
+            files.update({p: r for p, r in done.items() if p not in files})
             legacy.write_tracker(staging, args.iteration)
+            tracker = "latest_checkpointed_iteration.txt"
+            files[tracker] = dict(manifest.file_digest(os.path.join(staging, tracker)), path=tracker)
+            manifest.write_manifest(staging, {
+                "tool": "dist_reshard", "version": __version__, "command": opts.command,
+                "source": identity["source"], "source_folder": os.path.abspath(opts.load),
+                "family": family.name, "layout": identity["layout"], "world_size": plan.world,
+                "padded_vocab_size": plan.padded_vocab, "true_vocab_size": cfg.vocab_size,
+                "files": [{k: r[k] for k in ("path", "size", "sha256")} for _, r in sorted(files.items())],
+            })
+            shutil.rmtree(os.path.join(staging, manifest.JOURNAL_DIR), ignore_errors=True)
             _publish(opts, staging)
         except OSError as e:
             err = ConversionError(f"--save {opts.save}: cannot publish the checkpoint ({e.strerror})")

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="exchange on the GPU with NCCL (auto when CUDA is present) or on the CPU with gloo")
     p.add_argument("--bucket-mb", type=int, default=256, help="bytes in flight per rank per exchange (MiB)")
+    p.add_argument("--resume", action="store_true",
+                   help="after a crash: keep the files a previous run of the same command finished, redo the rest")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a collective may wait for a silent peer before every rank gives up")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
     return p
 
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                           transformer_impl=ns.transformer_impl,
                           make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype)
     opts = Options(load=ns.load, save=ns.save, layout=layout, overwrite=ns.overwrite, dry_run=ns.dry_run,
-                   device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report)
+                   device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
+                   resume=ns.resume, timeout_s=ns.timeout, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:
         job = run(opts)
     except ConversionError as e:

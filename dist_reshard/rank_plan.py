@@ -435,14 +435,20 @@ def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, 
 
 def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, layout: TargetLayout,
               world: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-              max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES) -> Plan:
-    """The whole job's plan; identical on every rank for identical inputs."""
+              max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES, skip_paths: frozenset = frozenset()) -> Plan:
+    """The whole job's plan; identical on every rank for identical inputs.
+
+    `skip_paths` names legacy files already written (a resumed job): their targets are left out, so
+    nothing is read or sent for them.
+    """
     if world < 1:
         raise ConversionError(f"world size {world}: must be at least 1")
     layout.validate(cfg)
     family.check(cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     pairs = _build_targets(family, index, cfg, layout, padded_vocab)
+    if skip_paths and layout.ckpt_format == "torch":
+        pairs = [(k, t) for k, t in pairs if layout.legacy_file(*k) not in skip_paths]
 
     unit_keys: dict[tuple, int] = {}
     for key, _ in pairs:

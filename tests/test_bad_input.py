@@ -123,4 +123,4 @@ def test_existing_save_is_refused_without_overwrite(hf_models, tmp_path):
     assert len(errors) == 2 and all("exists and is not empty; pass --overwrite" in e for e in errors)
     assert sorted(os.listdir(save)) == ["keep.txt"]
     torchrun(2, *args, "--overwrite", "--quiet")
-    assert sorted(os.listdir(save)) == ["iter_0000001", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(save)) == ["dist_reshard.json", "iter_0000001", "latest_checkpointed_iteration.txt"]

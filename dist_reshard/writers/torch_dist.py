@@ -55,11 +55,25 @@ def _planner_class():
     return PreSerializedPlanner
 
 
+def _writer(folder: str, save_id: str):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class DeterministicWriter(dcp.FileSystemWriter):
+        """DCP stamps a random save id into `.metadata`; the job's own key keeps reruns and resumed
+        runs byte-identical."""
+
+        def storage_meta(self):
+            return StorageMeta(checkpoint_id=None, save_id=save_id)
+
+    return DeterministicWriter(folder, sync_files=True)
+
+
 def _PreSerializedPlanner():
     return _planner_class()()
 
 
-def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], common: dict) -> None:
+def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], common: dict, save_id: str) -> None:
     """Collective: every rank calls it with the tensors of its own targets (by target index)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed._shard.metadata import ShardMetadata
@@ -90,7 +104,7 @@ def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], c
     with warnings.catch_warnings():
         # ShardedTensor is deprecated in favour of DTensor, whose even grid cannot express our chunks.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(folder, sync_files=True), planner=_PreSerializedPlanner())
+        dcp.save(state, storage_writer=_writer(folder, save_id), planner=_PreSerializedPlanner())
     if rank == 0:
         torch.save(common, os.path.join(folder, "common.pt"))
         with open(os.path.join(folder, "metadata.json"), "w") as f:

@@ -1,0 +1,100 @@
+"""What a finished output proves about itself, and what an interrupted one has already done.
+
+`dist_reshard.json` in the output names the tool version, the command, the source fingerprint (file
+names, sizes, header hashes), the target layout and format, and every file written with its size and
+SHA-256. While a job runs, each finished file gets a record in the staging folder's progress journal;
+`--resume` keeps the files whose record still matches their bytes and redoes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+
+MANIFEST = "dist_reshard.json"
+JOURNAL_DIR = ".dist_reshard-progress"
+_CHUNK = 8 << 20
+
+
+def file_digest(path: str) -> dict:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_CHUNK)
+            if not block:
+                break
+            h.update(block)
+            size += len(block)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def source_fingerprint(files: list[str]) -> list[dict]:
+    """Names, sizes and header hashes: enough to tell a different or re-downloaded source apart."""
+    out = []
+    for path in sorted(set(files)):
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = f.read(n)
+        out.append({"file": os.path.basename(path), "size": os.path.getsize(path),
+                    "header_sha256": hashlib.sha256(header).hexdigest()})
+    return out
+
+
+def _record_path(staging: str, rel: str) -> str:
+    return os.path.join(staging, JOURNAL_DIR, hashlib.sha256(rel.encode()).hexdigest()[:32] + ".json")
+
+
+def record_done(staging: str, rel: str, job_key: str) -> dict:
+    """Hash a finished file and journal it (write-then-rename, so a record is never half-written)."""
+    entry = dict(file_digest(os.path.join(staging, rel)), path=rel, job=job_key)
+    path = _record_path(staging, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(entry, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    return entry
+
+
+def completed(staging: str, job_key: str) -> dict[str, dict]:
+    """Journaled files of this same job whose bytes still match their record."""
+    folder = os.path.join(staging, JOURNAL_DIR)
+    out: dict[str, dict] = {}
+    if not os.path.isdir(folder):
+        return out
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, name)) as f:
+                entry = json.load(f)
+            if entry.get("job") != job_key:
+                continue
+            target = os.path.join(staging, entry["path"])
+            if os.path.exists(target) and file_digest(target) == {"size": entry["size"], "sha256": entry["sha256"]}:
+                out[entry["path"]] = entry
+        except (OSError, ValueError, KeyError):
+            continue  # a torn or foreign record: the file is simply redone
+    return out
+
+
+def job_key(command_identity: dict) -> str:
+    """Identity of a job for resuming: same source fingerprint, layout and options, same key."""
+    return hashlib.sha256(json.dumps(command_identity, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_manifest(folder: str, content: dict) -> None:
+    with open(os.path.join(folder, MANIFEST), "w") as f:
+        json.dump(content, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_manifest(folder: str) -> dict:
+    with open(os.path.join(folder, MANIFEST)) as f:
+        return json.load(f)

@@ -69,8 +69,11 @@ def agree(error: BaseException | None, device: torch.device) -> None:
         return
     messages: list = [None] * world()
     dist.all_gather_object(messages, None if error is None else str(error))
-    if error is not None:
+    if isinstance(error, ConversionError):
         raise error
+    if error is not None:
+        text = str(error).splitlines()[0] if str(error) else ""
+        raise ConversionError(f"{error.__class__.__name__}: {text}") from error
     first = next(r for r, m in enumerate(messages) if m is not None)
     raise ConversionError(f"{messages[first]} (reported by rank {first})")
 

@@ -143,6 +143,28 @@ def _unpack(buf: torch.Tensor, transfers, tensors: dict[int, torch.Tensor], targ
         dst[t.dst_row:t.dst_row + rows].copy_(values)  # the cast to --dtype happens here, per slice
 
 
+def _os_cause(e: BaseException) -> OSError | None:
+    """The OSError behind a wrapped failure (torch.save and DCP wrap ENOSPC in RuntimeErrors)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if not isinstance(x, BaseException) or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.strerror:
+            return x
+        todo += [x.__cause__, x.__context__]
+        # DCP's CheckpointException keeps per-rank (exception, traceback) pairs.
+        todo += [f[0] if isinstance(f, tuple) else f for f in getattr(x, "failures", {}).values()]
+    return None
+
+
+def _write_error(opts: Options, e: BaseException) -> ConversionError:
+    cause = _os_cause(e)
+    why = cause.strerror if cause else f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ConversionError(f"--save {opts.save}: write failed ({why})")
+
+
 def _publish(opts: Options, staging: str) -> None:
     """Rank 0 only: swap the finished staging folder into place. An existing --save (allowed only with
     --overwrite) is moved aside first and deleted last, so a crash never leaves neither."""
@@ -272,10 +294,8 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
                 report.bytes_written += legacy.write_file(os.path.join(staging, unit.path), containers, args)
                 records.append(manifest.record_done(staging, unit.path, key))
                 faults.maybe_fail(me, "write")
-    except OSError as e:
-        err = ConversionError(f"--save {opts.save}: write failed ({e.strerror})")
-    except Exception as e:  # noqa: BLE001
-        err = e
+    except Exception as e:  # noqa: BLE001 - every write failure is agreed on and reported by its cause
+        err = _write_error(opts, e)
     if opts.layout.ckpt_format != "torch" and not done:
         try:
             torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key)
@@ -284,8 +304,10 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             for rel in mine:
                 records.append(manifest.record_done(staging, rel, key))
                 report.bytes_written += records[-1]["size"]
-        except OSError as e:
-            err = ConversionError(f"--save {opts.save}: write failed ({e.strerror})")
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - DCP's CheckpointException derives from BaseException
+            err = _write_error(opts, e)
     tensors.clear()
     phase("write")
     collectives.agree(err, device)

@@ -43,10 +43,27 @@ class ModelConfig:
         return self.num_attention_heads // self.num_query_groups
 
 
-def _require(cfg: dict, key: str, path: str):
-    if key not in cfg:
-        raise ConversionError(f"{path}: missing field {key!r}")
-    return cfg[key]
+_REQUIRED = object()
+
+
+def _int(cfg: dict, key: str, path: str, default=_REQUIRED, minimum: int = 1) -> int:
+    value = cfg.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"{path}: missing field {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConversionError(f"{path}: field {key!r} = {value!r} is not an integer >= {minimum}")
+    return value
+
+
+def _float(cfg: dict, key: str, path: str, default: float) -> float:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ConversionError(f"{path}: field {key!r} = {value!r} is not a number")
+    return float(value)
 
 
 def read_config(folder: str) -> ModelConfig:
@@ -64,35 +81,37 @@ def read_config(folder: str) -> ModelConfig:
 def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
     if not isinstance(cfg, dict):
         raise ConversionError(f"{path}: top level is not a JSON object")
-    archs = cfg.get("architectures") or []
-    if not archs or not isinstance(archs, list):
-        raise ConversionError(f"{path}: no 'architectures' field, cannot detect the model family")
-    heads = int(_require(cfg, "num_attention_heads", path))
-    hidden = int(_require(cfg, "hidden_size", path))
-    rope_params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else None
-    rope_theta = cfg.get("rope_theta", (rope_params or {}).get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or rope_params
+    archs = cfg.get("architectures")
+    if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise ConversionError(f"{path}: no 'architectures' list, cannot detect the model family")
+    heads = _int(cfg, "num_attention_heads", path)
+    hidden = _int(cfg, "hidden_size", path)
+    rope_params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    rope_theta = _float(cfg, "rope_theta", path, _float(rope_params, "rope_theta", path, 10000.0))
+    scaling = cfg.get("rope_scaling") or rope_params or None
+    if scaling is not None and not isinstance(scaling, dict):
+        raise ConversionError(f"{path}: field 'rope_scaling' = {scaling!r} is not an object")
     if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     dtype = cfg.get("dtype", cfg.get("torch_dtype"))
-    head_dim = cfg.get("head_dim") or hidden // heads
+    window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     return ModelConfig(
-        architecture=str(archs[0]),
+        architecture=archs[0],
         model_type=str(cfg.get("model_type", "")),
-        num_layers=int(_require(cfg, "num_hidden_layers", path)),
+        num_layers=_int(cfg, "num_hidden_layers", path),
         hidden_size=hidden,
-        ffn_hidden_size=int(_require(cfg, "intermediate_size", path)),
+        ffn_hidden_size=_int(cfg, "intermediate_size", path),
         num_attention_heads=heads,
-        num_query_groups=int(cfg.get("num_key_value_heads") or heads),
-        kv_channels=int(head_dim),
-        vocab_size=int(_require(cfg, "vocab_size", path)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope_theta),
+        num_query_groups=_int(cfg, "num_key_value_heads", path, default=heads),
+        kv_channels=_int(cfg, "head_dim", path, default=hidden // heads),
+        vocab_size=_int(cfg, "vocab_size", path),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", path, default=4096),
+        norm_epsilon=_float(cfg, "rms_norm_eps", path, 1e-6),
+        rope_theta=rope_theta,
         rope_scaling=dict(scaling) if scaling else None,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
-        dtype=_DTYPE_NAMES.get(str(dtype)) if dtype else None,
-        sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+        dtype=_DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None,
+        sliding_window=window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None,
         raw=cfg,
     )

@@ -126,8 +126,8 @@ def index_folder(folder: str) -> dict[str, SourceTensor]:
         try:
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of tensor name -> file name")
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConversionError(f"{index_path}: unreadable index ({e.__class__.__name__}: {e})") from None
         files = sorted(set(weight_map.values()))

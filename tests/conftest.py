@@ -48,6 +48,17 @@ def hf_models(tmp_path_factory):
     folder = str(root / "llama3_bf16")
     save_model(build_model("llama3", seed=5, dtype="bfloat16"), folder)
     out["llama3_bf16"] = folder
+    # NaN and Inf are data, not errors: they must pass through bit for bit (bf16, with a NaN payload).
+    model = build_model("llama3", seed=9, dtype="bfloat16")
+    with torch.no_grad():
+        w = model.model.layers[0].self_attn.q_proj.weight
+        w[0, :3] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+        w.view(torch.int16)[1, 0] = 0x7FC1  # a NaN with a non-default payload
+        model.model.layers[1].mlp.down_proj.weight[5, 7] = float("nan")
+        model.model.norm.weight[2] = float("-inf")
+    folder = str(root / "llama3_nan")
+    save_model(model, folder)
+    out["llama3_nan"] = folder
     return out
 
 

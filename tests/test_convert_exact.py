@@ -39,7 +39,9 @@ def converted(hf_models, tmp_path_factory):
                    dict(name="bf16-source-torch_dist", load=hf_models["llama3_bf16"], format="torch_dist", tp=2, pp=2),
                    dict(name="cast-bf16-torch", load=hf_models["llama3"], format="torch", tp=2, pp=1, dtype="bf16"),
                    dict(name="cast-fp16-torch_dist", load=hf_models["llama3"], format="torch_dist", tp=1, pp=2,
-                        dtype="fp16")]
+                        dtype="fp16"),
+                   dict(name="nan-inf-torch", load=hf_models["llama3_nan"], format="torch", tp=2, pp=2),
+                   dict(name="nan-inf-torch_dist", load=hf_models["llama3_nan"], format="torch_dist", tp=2, pp=2)]
     for c in dtype_cases:
         c.update(save=os.path.join(root, c["name"]), impl="transformer_engine")
     by_world = {2: _cases(hf_models, root, 2, VARIANTS) + _cases(hf_models, root, 2, ("llama3",), ("local",))
@@ -156,7 +158,7 @@ def test_each_source_byte_read_once(converted, name):
 
 
 @pytest.mark.parametrize("name", ["bf16-source-torch", "bf16-source-torch_dist", "cast-bf16-torch",
-                                  "cast-fp16-torch_dist"])
+                                  "cast-fp16-torch_dist", "nan-inf-torch", "nan-inf-torch_dist"])
 def test_dtypes(converted, name, tmp_path):
     case = converted[name]
     check_legacy(case) if case["format"] == "torch" else check_torch_dist(case, tmp_path)

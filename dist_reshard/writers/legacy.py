@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from argparse import Namespace
 
 import torch
@@ -22,7 +24,13 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
         state[name] = model
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
-        torch.save(state, f)
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:
+            # torch.save reports a failed write as a RuntimeError from its zip writer; give it back its cause.
+            if shutil.disk_usage(os.path.dirname(path)).free < (1 << 20):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
+            raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0]}", path) from e
         f.flush()
         os.fsync(f.fileno())
     return os.path.getsize(path)

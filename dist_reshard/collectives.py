@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -18,21 +17,15 @@ import torch.distributed as dist
 from .errors import ConversionError
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
     """Join (or create) the default process group; returns the device exchange buffers live on.
 
-    torchrun and `srun`/`mpirun` wrappers set RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; a plain
+    Rank and rendezvous come from torchrun, srun or mpirun (see launchers.py); a plain
     `python -m dist_reshard.launch` runs as a world of one.
     """
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    from .launchers import discover
+
+    discover()
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,16 +50,17 @@ def barrier() -> None:
     dist.barrier()
 
 
-def agree(error: BaseException | None, device: torch.device) -> None:
+def agree(error: BaseException | None, device: torch.device, progress: int = 0) -> int:
     """Every rank learns whether any rank failed; all then raise the lowest failing rank's message.
 
     Called at phase and bucket boundaries, so a rank that hit bad input never leaves its peers waiting
-    inside an exchange: they all leave together with the same first line.
+    inside an exchange: they all leave together with the same first line. The same reduction sums each
+    rank's `progress` (bytes done), which rank 0's progress bar shows; the sum is returned.
     """
-    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
-        return
+    flag = torch.tensor([0 if error is None else 1, progress], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    if not flag[0].item():
+        return int(flag[1].item())
     messages: list = [None] * world()
     dist.all_gather_object(messages, None if error is None else str(error))
     if isinstance(error, ConversionError):

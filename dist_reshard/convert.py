@@ -46,6 +46,7 @@ class Options:
     resume: bool = False
     timeout_s: float = 1800.0
     command: list | None = None
+    progress: str = "auto"  # "auto" (a bar when rank 0's stderr is a terminal), "on", "off"
 
 
 @dataclass
@@ -141,6 +142,16 @@ def _unpack(buf: torch.Tensor, transfers, tensors: dict[int, torch.Tensor], targ
         target = targets[t.target]
         dst = tensors[t.target].view(target.rows, -1)
         dst[t.dst_row:t.dst_row + rows].copy_(values)  # the cast to --dtype happens here, per slice
+
+
+def _progress_bar(opts: Options, plan: Plan):
+    """One bar on rank 0: bytes read and exchanged over all ranks, with throughput and ETA."""
+    if opts.progress == "off":
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=plan.source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="dist_reshard",
+                disable=None if opts.progress == "auto" else False, mininterval=0.5)
 
 
 def _os_cause(e: BaseException) -> OSError | None:
@@ -254,6 +265,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     targets = {t.index: t for t in view.targets}
     tensors = _allocate(view.targets)
     reader = RangeReader()
+    bar = _progress_bar(opts, plan) if me == 0 else None
     phase("allocate")
     try:
         for b, reads in enumerate(view.reads):
@@ -265,7 +277,9 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
                 err = e
             phase("read")
-            collectives.agree(err, device)
+            total_done = collectives.agree(err, device, progress=reader.bytes_read)
+            if bar is not None:
+                bar.update(total_done - bar.n)
             sends = {d: _pack(data, ts, plan.items) for d, ts in view.sends[b].items()}
             recv_bytes = {s: sum(t.nbytes for t in ts) for s, ts in view.recvs[b].items()}
             faults.maybe_fail(me, "exchange")
@@ -275,6 +289,8 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             phase("exchange")
     finally:
         reader.close()
+        if bar is not None:
+            bar.close()
     report.bytes_read = reader.bytes_read
     report.bytes_sent = view.bytes_sent
     report.bytes_received = view.bytes_received

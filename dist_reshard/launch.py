@@ -1,5 +1,8 @@
 """Command line: `torchrun --nproc-per-node N -m dist_reshard.launch --src hf --dst mcore ...`.
 
+Also `srun python -m dist_reshard.launch ...` (SLURM) and `mpirun -np N python -m dist_reshard.launch ...`
+(MPI through mpi4py); see launchers.py.
+
 Each rank prints a failing job's error as the first line of its stderr and exits 1; rank 0 prints the
 summary and writes the `--report` JSON.
 """
@@ -39,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after a crash: keep the files a previous run of the same command finished, redo the rest")
     p.add_argument("--timeout", type=float, default=1800.0,
                    help="seconds a collective may wait for a silent peer before every rank gives up")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success (no progress bar either)")
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="rank 0's progress bar: auto shows it when stderr is a terminal")
     return p
 
 
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                           make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype)
     opts = Options(load=ns.load, save=ns.save, layout=layout, overwrite=ns.overwrite, dry_run=ns.dry_run,
                    device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
-                   resume=ns.resume, timeout_s=ns.timeout, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
+                   resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:
         job = run(opts)
     except ConversionError as e:

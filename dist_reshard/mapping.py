@@ -148,6 +148,25 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
     raise AssertionError(kind)
 
 
+def hf_shapes(rule: Rule, cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """The HF tensors' shapes a rule implies for this config (for checking a source, or rebuilding one)."""
+    h, d, f, v = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
+    name = rule.megatron
+    if rule.kind is Kind.VOCAB:
+        return [(v, h)]
+    if rule.kind is Kind.QKV:
+        tail = () if name.endswith(".bias") else (h,)
+        return [(q,) + tail, (kv,) + tail, (kv,) + tail]
+    if rule.kind is Kind.GLU:
+        return [(f, h), (f, h)]
+    if rule.kind is Kind.ROW:
+        return [(h, q)] if "linear_proj" in name else [(h, f)]
+    if "q_layernorm" in name or "k_layernorm" in name:
+        return [(d,)]
+    return [(h,)]
+
+
 def full_shape(kind: Kind, shapes: list[tuple[int, ...]], padded_vocab: int) -> tuple[int, ...]:
     """Shape of the whole Megatron tensor (what torch_dist stores, before the layer axis)."""
     if kind is Kind.VOCAB:

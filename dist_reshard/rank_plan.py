@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from .errors import ConversionError
 from .hf_config import ModelConfig
 from .layout import DTYPES, TargetLayout
-from .mapping import Family, Piece, Rule, blocks, full_shape
+from .mapping import Family, Piece, Rule, blocks, full_shape, hf_shapes
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -233,19 +233,7 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
 
 def _check_shapes(rule: Rule, names: tuple[str, ...], index: dict[str, SourceTensor], cfg: ModelConfig) -> None:
     """Shapes the config implies, so a mismatched config cannot produce a silently wrong checkpoint."""
-    h, d = cfg.hidden_size, cfg.kv_channels
-    expected: dict[str, tuple] = {}
-    kind = rule.kind.value
-    if kind == "qkv":
-        q, k, v = names
-        tail = (h,) if len(index[q].shape) == 2 else ()
-        expected = {q: (cfg.num_attention_heads * d,) + tail, k: (cfg.num_query_groups * d,) + tail,
-                    v: (cfg.num_query_groups * d,) + tail}
-    elif kind == "glu":
-        expected = {n: (cfg.ffn_hidden_size, h) for n in names}
-    elif kind == "vocab":
-        expected = {names[0]: (cfg.vocab_size, h)}
-    for n, shape in expected.items():
+    for n, shape in zip(names, hf_shapes(rule, cfg)):
         if index[n].shape != shape:
             raise ConversionError(f"{index[n].file}: tensor {n!r} has shape {list(index[n].shape)}, "
                                   f"config.json implies {list(shape)}")

@@ -23,13 +23,10 @@ from .layout import TargetLayout
 from .megatron_args import megatron_args
 from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
-from .safetensors_index import index_folder
+from .safetensors_index import DTYPE_SIZES, index_folder
 from .writers import legacy, torch_dist
+from .dtypes import TORCH_DTYPES
 
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-                "F8_E5M2": torch.float8_e5m2}
 ITERATION_DIR = "iter_0000001"
 
 
@@ -107,27 +104,19 @@ def _allocate(targets: list[Target]) -> dict[int, torch.Tensor]:
     return out
 
 
-def _pack(data: dict[int, torch.Tensor], transfers, index) -> torch.Tensor:
+def _pack(data: dict[int, torch.Tensor], transfers, items, source_dtype: dict[str, str]) -> torch.Tensor:
     """Concatenate the transfers' bytes in wire order; column slices are made contiguous first (a view
     along dim 1 handed to gloo would send the underlying memory, not the slice)."""
     parts = []
     for t in transfers:
-        raw = data[t.item]
-        src = index_item = index[t.item]
-        row_bytes = src.nbytes // (src.rows[1] - src.rows[0])
-        block = raw.view(src.rows[1] - src.rows[0], row_bytes)[t.rows[0] - src.rows[0]:t.rows[1] - src.rows[0]]
+        item = items[t.item]
+        nrows = item.rows[1] - item.rows[0]
+        block = data[t.item].view(nrows, item.nbytes // nrows)[t.rows[0] - item.rows[0]:t.rows[1] - item.rows[0]]
         if t.cols is not None:
-            itemsize = row_bytes // max(1, _width(index_item))
+            itemsize = DTYPE_SIZES[source_dtype[item.source]]
             block = block[:, t.cols[0] * itemsize:t.cols[1] * itemsize]
         parts.append(block.contiguous().view(-1))
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-
-
-_WIDTHS: dict[str, int] = {}
-
-
-def _width(item) -> int:
-    return _WIDTHS[item.source]
 
 
 def _unpack(buf: torch.Tensor, transfers, tensors: dict[int, torch.Tensor], targets: dict[int, Target],
@@ -259,8 +248,6 @@ def run(opts: Options) -> dict:
 def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, report, phase, device, key, done,
              identity) -> None:
     me = view.rank
-    for name, src in index.items():
-        _WIDTHS[name] = src.shape[1] if len(src.shape) > 1 else 1
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
     tensors = _allocate(view.targets)
@@ -280,7 +267,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             total_done = collectives.agree(err, device, progress=reader.bytes_read)
             if bar is not None:
                 bar.update(total_done - bar.n)
-            sends = {d: _pack(data, ts, plan.items) for d, ts in view.sends[b].items()}
+            sends = {d: _pack(data, ts, plan.items, source_dtype) for d, ts in view.sends[b].items()}
             recv_bytes = {s: sum(t.nbytes for t in ts) for s, ts in view.recvs[b].items()}
             faults.maybe_fail(me, "exchange")
             got = collectives.exchange(sends, recv_bytes, device)

@@ -24,8 +24,8 @@ from .manifest import MANIFEST, file_digest, read_manifest
 from .rank_plan import ReadItem, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import index_folder
+from .dtypes import TORCH_DTYPES as _TORCH_DTYPES
 
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 
 def check_files(out: str) -> list[str]:

@@ -76,3 +76,23 @@ def load_hf_config(folder: str):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(folder)
+
+
+def tree_hashes(folder) -> dict:
+    """SHA-256 of every file below folder; the manifest by its content minus the command line."""
+    import hashlib
+
+    out = {}
+    for root, _d, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel == "dist_reshard.json":
+                with open(path) as f:
+                    man = json.load(f)
+                man.pop("command")
+                out[rel] = man
+            else:
+                with open(path, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+    return out

@@ -2,8 +2,6 @@
 torchrun, srun (SLURM's variables, set here by the test), and mpirun through mpi4py (the mpich wheel)."""
 
 import glob
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -12,25 +10,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, torchrun, tree_hashes
 
 ARGS = ["--src", "hf", "--dst", "mcore", "--tp", "2", "--pp", "2", "--ckpt-format", "torch", "--quiet"]
 
 
-def _hashes(folder):
-    """Every output file's hash; the manifest by its content minus the command line (--save differs)."""
-    out = {}
-    for root, _d, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel == "dist_reshard.json":
-                man = json.load(open(path))
-                man.pop("command")
-                out[rel] = man
-            else:
-                out[rel] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
 
 
 def _env():
@@ -66,7 +50,7 @@ def test_srun_style_environment(hf_models, tmp_path, torchrun_output):
     for p in procs:
         _out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err[-3000:]
-    assert _hashes(save) == _hashes(torchrun_output)
+    assert tree_hashes(save) == tree_hashes(torchrun_output)
 
 
 def test_mpirun_through_mpi4py(hf_models, tmp_path, torchrun_output):
@@ -78,7 +62,7 @@ def test_mpirun_through_mpi4py(hf_models, tmp_path, torchrun_output):
                            hf_models["qwen2"], "--save", str(save)], env=_env(), cwd=ROOT, capture_output=True,
                           text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert _hashes(save) == _hashes(torchrun_output)
+    assert tree_hashes(save) == tree_hashes(torchrun_output)
 
 
 @pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(ROOT, "slurm", "*.sbatch"))),

@@ -5,7 +5,6 @@ torch_dist: `dist_checkpointing.load`, also into a TP/PP other than the one it w
 """
 
 import json
-import os
 
 import pytest
 

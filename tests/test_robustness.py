@@ -1,30 +1,19 @@
 """Never a broken checkpoint: failures on one rank end every rank, a killed job resumes to a
 byte-identical result, the manifest and verifier catch tampering, and full or read-only disks fail clean."""
 
-import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT, torchrun
+from conftest import ROOT, torchrun, tree_hashes
 
 CONVERT = ["-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--tp", "2", "--pp", "2"]
 
 
-def _hashes(folder):
-    out = {}
-    for root, _d, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder)
-            if rel != "dist_reshard.json":  # it records the command line, which differs by --resume
-                out[rel] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
 
 
 def _run(load, save, *extra, fault=None, check=False):
@@ -59,7 +48,7 @@ def test_killed_rank_then_resume_is_byte_identical(hf_models, tmp_path, fmt, poi
     assert _staging(save).exists(), "the finished files of the killed job are kept for --resume"
     report = tmp_path / "report.json"
     _run(load, save, "--ckpt-format", fmt, "--resume", "--quiet", "--report", str(report), check=True)
-    assert _hashes(save) == _hashes(reference)
+    assert tree_hashes(save) == tree_hashes(reference)
     assert not _staging(save).exists()
     if fmt == "torch":
         job = json.loads(report.read_text())
@@ -140,14 +129,14 @@ def read_only_fs(tmp_path):
 @pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
 def test_disk_full_is_a_clean_error(hf_models, tiny_fs, fmt):
     load = hf_models["llama3"]
-    before = _hashes(load)
+    before = tree_hashes(load)
     save = tiny_fs / "out"
     proc, elapsed = _run(load, save, "--ckpt-format", fmt)
     assert proc.returncode != 0 and elapsed < 60
     errors = [line for line in proc.stderr.splitlines() if "dist_reshard: error:" in line]
     assert errors and all("No space left on device" in e or "write failed" in e for e in errors), proc.stderr[-2000:]
     assert os.listdir(tiny_fs) == [], "staging or partial output left behind"
-    assert _hashes(load) == before
+    assert tree_hashes(load) == before
 
 
 def test_read_only_destination_is_a_clean_error(hf_models, read_only_fs):

@@ -19,8 +19,8 @@ import torch
 
 from ..rank_plan import Plan, Target
 from .extra_state import linear_modules
+from ..dtypes import TORCH_DTYPES as _TORCH_DTYPES
 
-_TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
 
 METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
             "common_backend": "torch", "common_backend_version": 1}

@@ -1,6 +1,5 @@
 """The real NCCL path: exchange buffers on the GPU. Skips cleanly without CUDA or enough GPUs."""
 
-import os
 
 import pytest
 import torch

@@ -30,3 +30,13 @@ def test_single_process_without_torchrun(hf_models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bytes read / source bytes = 1.0000" in proc.stdout
     assert sorted(os.listdir(save / "iter_0000001")) == ["mp_rank_00", "mp_rank_01"]
+
+
+def test_progress_bar_on_rank_zero_only(hf_models, tmp_path):
+    proc = torchrun(2, "-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--load", hf_models["qwen3"],
+                    "--save", str(tmp_path / "out"), "--tp", "2", "--progress", "on", "--bucket-mb", "1")
+    bars = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.startswith("dist_reshard:")]
+    assert bars and "100%" in bars[-1] and "B/s" in bars[-1], proc.stderr[-2000:]
+    quiet = torchrun(2, "-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--load", hf_models["qwen3"],
+                     "--save", str(tmp_path / "out2"), "--tp", "2", "--quiet")
+    assert "dist_reshard:" not in quiet.stderr and quiet.stdout == ""

@@ -26,3 +26,7 @@ def test_nccl_conversion_is_bit_exact(hf_models, tmp_path, ngpu, fmt):
     case = dict(load=hf_models["qwen3"], save=str(save), tp=tp, pp=pp, vpp=None, impl="transformer_engine",
                 format=fmt)
     check_legacy(case) if fmt == "torch" else check_torch_dist(case, tmp_path)
+    # The NCCL-made output loads into Megatron-Core (on CPU, gloo) and gives the HF logits.
+    proc = torchrun(tp * pp, "-m", "dist_reshard.demo", "--check", hf_models["qwen3"], str(save), "--tp", str(tp),
+                    "--pp", str(pp), "--ckpt-format", fmt)
+    assert "-> OK" in proc.stdout, proc.stdout

@@ -423,7 +423,7 @@ def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, 
 
 def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, layout: TargetLayout,
               world: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-              max_item_bytes: int = DEFAULT_MAX_ITEM_BYTES, skip_paths: frozenset = frozenset()) -> Plan:
+              max_item_bytes: int | None = None, skip_paths: frozenset = frozenset()) -> Plan:
     """The whole job's plan; identical on every rank for identical inputs.
 
     `skip_paths` names legacy files already written (a resumed job): their targets are left out, so
@@ -455,6 +455,10 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
             paths[u] = layout.legacy_file(tp_rank, pp_rank)
     units = [WriteUnit(u, paths[u], writers[u], unit_bytes[u]) for u in range(len(unit_keys))]
 
+    if max_item_bytes is None:
+        # Small enough that reads balance to a few percent of 1/N, large enough for efficient reads.
+        needed = sum(index[n].nbytes for n in {p.source for t in targets for p in t.pieces if p.source})
+        max_item_bytes = min(DEFAULT_MAX_ITEM_BYTES, max(1 << 20, needed // (16 * world)))
     items, transfers = _plan_reads(targets, units, index, world, max_item_bytes)
     buckets = _plan_buckets(items, transfers, world, bucket_bytes)
     source_bytes = sum(i.nbytes for i in items)

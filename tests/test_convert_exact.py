@@ -94,7 +94,8 @@ def check_legacy(case):
                 _assert_bitwise(got[k], v, f"{name}/{container}/{k}")
             extra = [k for k in sd[container] if k.endswith("._extra_state")]
             assert all(sd[container][k] is None for k in extra)
-            assert len(extra) == 4 * sum(1 for k in tensors if k.endswith("linear_fc2.weight"))
+            assert len(extra) == 4 * sum(1 for k in tensors if k.endswith("linear_fc2.weight")) + (
+                "output_layer.weight" in tensors)
 
 
 def check_torch_dist(case, tmp_path):

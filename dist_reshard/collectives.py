@@ -61,8 +61,7 @@ def agree(error: BaseException | None, device: torch.device, progress: int = 0) 
     dist.all_reduce(flag, op=dist.ReduceOp.SUM)
     if not flag[0].item():
         return int(flag[1].item())
-    messages: list = [None] * world()
-    dist.all_gather_object(messages, None if error is None else str(error))
+    messages = gather_objects(None if error is None else str(error))
     if isinstance(error, ConversionError):
         raise error
     if error is not None:

@@ -340,10 +340,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
 
 def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool) -> dict:
     report.peak_rss_bytes = _peak_rss()
-    reports: list = [None] * collectives.world()
-    import torch.distributed as dist
-
-    dist.all_gather_object(reports, report.__dict__)
+    reports = collectives.gather_objects(report.__dict__)
     acc = plan.accounting()
     job = {
         "dry_run": dry_run,

@@ -53,6 +53,13 @@ def _iteration_dir(path: str) -> str | None:
     return None
 
 
+def read_dcp_chunk(folder: str, info) -> torch.Tensor:
+    """One stored DCP chunk, from its byte range alone (DCP stores each chunk as a torch.save blob)."""
+    with open(os.path.join(folder, info.relative_path), "rb") as f:
+        f.seek(info.offset)
+        return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+
+
 class HFCheckpoint:
     format = "hf"
 
@@ -254,9 +261,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
         return rule.torch_dist_key() in self.meta.state_dict_metadata
 
     def _read_chunk(self, info) -> torch.Tensor:
-        with open(os.path.join(self.folder, info.relative_path), "rb") as f:
-            f.seek(info.offset)
-            return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        return read_dcp_chunk(self.folder, info)
 
     def _full(self, rule: Rule, layer: int | None) -> torch.Tensor:
         key = rule.torch_dist_key()

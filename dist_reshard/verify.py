@@ -10,7 +10,6 @@ target plus the source rows it needs.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 
@@ -20,6 +19,7 @@ from .errors import ConversionError
 from .families import family_for
 from .hf_config import read_config
 from .layout import TargetLayout
+from .logical import read_dcp_chunk
 from .manifest import MANIFEST, file_digest, read_manifest
 from .rank_plan import ReadItem, Target, make_plan
 from .reader import RangeReader
@@ -83,12 +83,8 @@ def _dcp_chunks(folder: str):
     meta = FileSystemReader(folder).read_metadata()
     chunks = {}
     for index, info in meta.storage_data.items():
-        def load(info=info):
-            with open(os.path.join(folder, info.relative_path), "rb") as f:
-                f.seek(info.offset)
-                raw = f.read(info.length)
-            return torch.load(io.BytesIO(raw), weights_only=True)
-        chunks[(index.fqn, tuple(index.offset) if index.offset is not None else None)] = load
+        chunks[(index.fqn, tuple(index.offset) if index.offset is not None else None)] = (
+            lambda info=info: read_dcp_chunk(folder, info))
     return chunks
 
 

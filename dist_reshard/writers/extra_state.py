@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-# Megatron linear modules inside a transformer layer; their weights' keys end in these module names.
-_LINEAR = re.compile(r"^(?P<module>.*\.(linear_qkv|linear_proj|linear_fc1|linear_fc2))\.weight$")
+# Megatron linear modules (inside a transformer layer, and the output layer) owning an `_extra_state`.
+_LINEAR = re.compile(r"^(?P<module>.*\.(linear_qkv|linear_proj|linear_fc1|linear_fc2)|output_layer)\.weight$")
 
 
 def linear_modules(keys) -> list[str]:

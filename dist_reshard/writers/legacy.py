@@ -21,8 +21,6 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
         model = dict(sorted(tensors.items()))
         for module in linear_modules(list(model)):
             model[f"{module}._extra_state"] = None
-        if "output_layer.weight" in model:  # Megatron's own state_dict carries it too (torch_dist does not)
-            model["output_layer._extra_state"] = None
         state[name] = model
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:

@@ -32,7 +32,7 @@ def _extra_state_objects(plan: Plan) -> dict[str, io.BytesIO]:
     for t in plan.targets:
         for module in linear_modules([t.key]):
             if t.global_offset is None or len(t.global_shape) < 3:
-                continue
+                continue  # only per-layer modules have sharded extra state (none for output_layer)
             layer, layers = t.global_offset[0], t.global_shape[0]
             key = f"{module}._extra_state/shard_{layer}_{layers}"
             if key not in out:

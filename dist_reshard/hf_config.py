@@ -37,6 +37,16 @@ class ModelConfig:
     dtype: str | None  # "bf16" | "fp16" | "fp32" | None
     sliding_window: int | None
     raw: dict
+    # Mixture of experts (num_experts 0: dense). moe_layers[i] says whether layer i routes to experts.
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_topk: int = 0
+    shared_expert_ffn_hidden_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[bool, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     @property
     def heads_per_group(self) -> int:
@@ -94,11 +104,13 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
     if scaling is not None and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         scaling = None
     dtype = cfg.get("dtype", cfg.get("torch_dtype"))
+    num_layers = _int(cfg, "num_hidden_layers", path)
+    moe = _moe_fields(cfg, path, num_layers)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     return ModelConfig(
         architecture=archs[0],
         model_type=str(cfg.get("model_type", "")),
-        num_layers=_int(cfg, "num_hidden_layers", path),
+        num_layers=num_layers,
         hidden_size=hidden,
         ffn_hidden_size=_int(cfg, "intermediate_size", path),
         num_attention_heads=heads,
@@ -114,4 +126,33 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         dtype=_DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None,
         sliding_window=window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None,
         raw=cfg,
+        **moe,
+    )
+
+
+def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    """Expert count, sizes and the MoE/dense pattern under the names Mixtral and the Qwen MoEs use.
+
+    Mixtral: `num_local_experts`, expert size `intermediate_size`, every layer MoE, top-k renormalised.
+    Qwen2/3-MoE: `num_experts` (transformers 5 also writes `num_local_experts`), `moe_intermediate_size`,
+    layer i is MoE iff i is not in `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0.
+    """
+    key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
+    experts = _int(cfg, key, path, default=0, minimum=0)
+    if not experts:
+        return {}
+    step = _int(cfg, "decoder_sparse_step", path, default=1)
+    dense_only = cfg.get("mlp_only_layers") or []
+    if not isinstance(dense_only, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                   for i in dense_only):
+        raise ConversionError(f"{path}: field 'mlp_only_layers' = {dense_only!r} is not a list of layer indices")
+    moe_ffn_key = "moe_intermediate_size" if cfg.get("moe_intermediate_size") is not None else "intermediate_size"
+    return dict(
+        num_experts=experts,
+        moe_ffn_hidden_size=_int(cfg, moe_ffn_key, path),
+        moe_topk=_int(cfg, "num_experts_per_tok", path, default=2),
+        shared_expert_ffn_hidden_size=_int(cfg, "shared_expert_intermediate_size", path, default=0, minimum=0),
+        # Mixtral always renormalises the top-k weights; the Qwens only when asked.
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", cfg.get("model_type") == "mixtral")),
+        moe_layers=tuple(i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)),
     )

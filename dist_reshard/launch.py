@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    p.add_argument("--etp", type=int, default=None,
+                   help="expert tensor-parallel size (default: --tp, as Megatron-Core defaults it)")
+    p.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="legacy format: grouped-GEMM expert names (linear_fc1.weight<i>) instead of SequentialMLP's")
     p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist")
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="parameter naming: TransformerEngine spec (default) or local spec")
@@ -53,6 +58,8 @@ def _summary(job: dict) -> str:
     lines = [f"dist_reshard: {'planned' if job['dry_run'] else 'converted'} {job['source_bytes'] / mib:.1f} MiB "
              f"on {job['world_size']} ranks into TP{job['layout']['tp']} PP{job['layout']['pp']}"
              + (f" VPP{job['layout']['vpp']}" if job['layout']['vpp'] else "")
+             + (f" EP{job['layout']['ep']}" if job['layout'].get('ep', 1) > 1 else "")
+             + (f" ETP{job['layout']['etp']}" if job['layout'].get('etp') else "")
              + f" {job['layout']['ckpt_format']}"]
     for r in job["ranks"]:
         read = r["planned"]["bytes_read"] if job["dry_run"] else r["bytes_read"]
@@ -71,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     layout = TargetLayout(tp=ns.tp, pp=ns.pp, vpp=ns.vpp, ckpt_format=ns.ckpt_format,
                           transformer_impl=ns.transformer_impl,
-                          make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype)
+                          make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype,
+                          ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm)
     opts = Options(load=ns.load, save=ns.save, layout=layout, overwrite=ns.overwrite, dry_run=ns.dry_run,
                    device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
                    resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])

@@ -22,13 +22,21 @@ class TargetLayout:
     transformer_impl: str = "transformer_engine"
     make_vocab_size_divisible_by: int = 128
     dtype: str | None = None  # "bf16" | "fp16" | "fp32"; None keeps each source tensor's dtype
+    ep: int = 1  # expert-parallel size
+    etp: int | None = None  # expert tensor-parallel size; None follows --tp, as Megatron-Core defaults it
+    moe_grouped_gemm: bool = False  # legacy names of grouped-GEMM experts (`linear_fc1.weight{i}`)
 
     @property
     def chunks(self) -> int:
         return self.vpp or 1
 
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
     def validate(self, cfg: ModelConfig) -> None:
-        for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--vpp", self.vpp or 1),
+        for flag, value in (("--tp", self.tp), ("--pp", self.pp), ("--vpp", self.vpp or 1), ("--ep", self.ep),
+                            ("--etp", self.expert_tp),
                             ("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by)):
             if value < 1:
                 raise ConversionError(f"{flag} {value}: must be a positive integer")
@@ -41,11 +49,16 @@ class TargetLayout:
             raise ConversionError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         if self.vpp and self.pp < 2:
             raise ConversionError(f"--vpp {self.vpp} needs --pp of at least 2 (Megatron interleaves over stages)")
-        for what, n in (("num_attention_heads", cfg.num_attention_heads),
-                        ("num_query_groups (num_key_value_heads)", cfg.num_query_groups),
-                        ("ffn_hidden_size (intermediate_size)", cfg.ffn_hidden_size)):
+        checks = [("num_attention_heads", cfg.num_attention_heads),
+                  ("num_query_groups (num_key_value_heads)", cfg.num_query_groups)]
+        if not all(cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
+            checks.append(("ffn_hidden_size (intermediate_size)", cfg.ffn_hidden_size))
+        if cfg.num_experts and cfg.shared_expert_ffn_hidden_size:
+            checks.append(("shared_expert_intermediate_size", cfg.shared_expert_ffn_hidden_size))
+        for what, n in checks:
             if n % self.tp:
                 raise ConversionError(f"--tp {self.tp}: {what} = {n} is not divisible by the tensor-parallel size")
+        self._validate_experts(cfg)
         if cfg.num_attention_heads % cfg.num_query_groups:
             raise ConversionError(f"config.json: num_attention_heads {cfg.num_attention_heads} is not a multiple "
                                   f"of num_key_value_heads {cfg.num_query_groups}")
@@ -54,6 +67,28 @@ class TargetLayout:
             where = f"--pp {self.pp}" + (f" x --vpp {self.vpp}" if self.vpp else "")
             raise ConversionError(f"{where}: num_hidden_layers = {cfg.num_layers} is not divisible into "
                                   f"{stages} equal pipeline chunks")
+
+    def _validate_experts(self, cfg: ModelConfig) -> None:
+        if not cfg.num_experts:
+            for flag, used in (("--ep", self.ep > 1), ("--etp", self.etp is not None),
+                               ("--moe-grouped-gemm", self.moe_grouped_gemm)):
+                if used:
+                    raise ConversionError(f"{flag}: {cfg.architecture} has no experts (config.json declares none)")
+            return
+        if cfg.num_experts % self.ep:
+            raise ConversionError(f"--ep {self.ep}: num_experts = {cfg.num_experts} is not divisible by the "
+                                  f"expert-parallel size")
+        if cfg.moe_ffn_hidden_size % self.expert_tp:
+            flag = f"--etp {self.etp}" if self.etp else f"--tp {self.tp} (the expert TP size when --etp is omitted)"
+            raise ConversionError(f"{flag}: the expert FFN size (moe_intermediate_size) = {cfg.moe_ffn_hidden_size} "
+                                  f"is not divisible by the expert tensor-parallel size")
+        if self.ckpt_format == "torch" and self.tp % self.expert_tp:
+            # A legacy checkpoint is one file per (tp, pp, ep): the Megatron job it implies has TP x EP ranks
+            # per stage, and each file's experts must be one expert-TP shard, so ETP x EP must divide TP x EP.
+            raise ConversionError(
+                f"--etp {self.expert_tp} --ep {self.ep}: the expert grid (ETP x EP = {self.expert_tp * self.ep}) does "
+                f"not fit the {self.tp * self.ep} ranks per stage that a legacy (torch) checkpoint of --tp {self.tp} "
+                f"--ep {self.ep} implies; use an --etp that divides --tp, or --ckpt-format torch_dist")
 
     def padded_vocab(self, vocab: int) -> int:
         return padded_vocab_size(vocab, self.make_vocab_size_divisible_by, self.tp)
@@ -72,8 +107,9 @@ class TargetLayout:
                     placement[first + j] = (p, v, j)
         return placement
 
-    def legacy_file(self, tp_rank: int, pp_rank: int, iteration: int = 1) -> str:
-        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "")
+    def legacy_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0, iteration: int = 1) -> str:
+        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "") + (
+            f"_{ep_rank:03d}" if self.ep > 1 else "")
         return f"iter_{iteration:07d}/{name}/model_optim_rng.pt"
 
     def container(self, chunk: int) -> str:

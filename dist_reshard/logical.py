@@ -22,7 +22,7 @@ from .families import family_for
 from .hf_config import ModelConfig, read_config
 from .layout import TargetLayout
 from .mapping import Kind, Rule, blocks, full_shape, hf_shapes
-from .rank_plan import IGNORED_SUFFIXES, ReadItem
+from .rank_plan import IGNORED_SUFFIXES, ReadItem, _instances
 from .reader import RangeReader
 from .safetensors_index import index_folder
 from .dtypes import TORCH_DTYPES
@@ -94,6 +94,14 @@ def _config_from_args(args: Namespace) -> ModelConfig:
         arch = ("Qwen3ForCausalLM" if getattr(args, "qk_layernorm", False) else
                 "Qwen2ForCausalLM" if getattr(args, "add_qkv_bias", False) else "LlamaForCausalLM")
     heads = args.num_attention_heads
+    experts = getattr(args, "num_experts", None) or 0
+    moe = {}
+    if experts:
+        freq = getattr(args, "moe_layer_freq", 1)
+        pattern = [bool(x) for x in freq] if isinstance(freq, list) else [i % freq == 0 for i in range(args.num_layers)]
+        moe = dict(num_experts=experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_topk=args.moe_router_topk,
+                   shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
+                   norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False), moe_layers=tuple(pattern))
     return ModelConfig(
         architecture=arch, model_type=getattr(args, "hf_model_type", ""), num_layers=args.num_layers,
         hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=heads,
@@ -104,7 +112,7 @@ def _config_from_args(args: Namespace) -> ModelConfig:
         norm_epsilon=getattr(args, "norm_epsilon", 1e-6), rope_theta=getattr(args, "rotary_base", 10000.0),
         rope_scaling=getattr(args, "hf_rope_scaling", None),
         tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", True),
-        attention_bias=getattr(args, "add_qkv_bias", False), dtype=None, sliding_window=None, raw={})
+        attention_bias=getattr(args, "add_qkv_bias", False), dtype=None, sliding_window=None, raw={}, **moe)
 
 
 class MegatronCheckpoint:
@@ -117,19 +125,22 @@ class MegatronCheckpoint:
         self.family_def = family_for(self.config.architecture)
         self.family = self.family_def.name
         self.tp = args.tensor_model_parallel_size
+        self.ep = getattr(args, "expert_model_parallel_size", 1) or 1
+        self.etp = getattr(args, "expert_tensor_parallel_size", None) or self.tp
         self.layout = {"tp": self.tp, "pp": args.pipeline_model_parallel_size,
                        "vpp": getattr(args, "virtual_pipeline_model_parallel_size", None)}
+        if self.config.num_experts:
+            self.layout.update(ep=self.ep, etp=self.etp)
         self.padded_vocab = args.padded_vocab_size
-        self._where: dict[str, tuple[Rule, int | None, int]] = {}
+        self._where: dict[str, tuple[Rule, int | None, int | None]] = {}
         for rule in self.family_def.rules:
             if rule.tied_to and self.config.tie_word_embeddings:
                 continue
             if rule.optional and not self._has(rule):
                 continue
-            layers = range(self.config.num_layers) if rule.per_layer else [None]
-            for layer in layers:
-                for pos, name in enumerate(rule.hf):
-                    self._where[name.format(i=layer)] = (rule, layer, pos)
+            for layer, expert in _instances(rule, self.config):
+                for name in rule.hf_names(layer, expert):
+                    self._where[name] = (rule, layer, expert)
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -137,9 +148,9 @@ class MegatronCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._where:
             raise ConversionError(f"{self.path}: no tensor {name!r} (names are the HF ones)")
-        rule, layer, _ = self._where[name]
-        full = self._full(rule, layer)
-        names = tuple(n.format(i=layer) for n in rule.hf)
+        rule, layer, expert = self._where[name]
+        full = self._full(rule, layer, expert)
+        names = rule.hf_names(layer, expert)
         shapes = hf_shapes(rule, self.config)
         out = torch.empty(shapes[names.index(name)], dtype=full.dtype)
         for b in blocks(rule.kind, shapes, names, self.config, 1, 0, self.padded_vocab):
@@ -153,18 +164,18 @@ class MegatronCheckpoint:
                 dst.copy_(src)
         return out
 
-    def _assemble(self, rule: Rule, layer: int | None, shard_of) -> torch.Tensor:
+    def _assemble(self, rule: Rule, layer: int | None, expert: int | None, shard_of) -> torch.Tensor:
         """Place each TP rank's blocks at their global offsets (legacy shards are blocks stacked on dim 0)."""
-        names = tuple(n.format(i=layer) for n in rule.hf)
+        names = rule.hf_names(layer, expert)
         shapes = hf_shapes(rule, self.config)
+        tp = self.etp if rule.expert else self.tp
         full = None
-        ranks = [0] if rule.kind is Kind.REPLICATED else range(self.tp)
-        for r in ranks:
+        for r in ([0] if rule.kind is Kind.REPLICATED else range(tp)):
             shard = shard_of(r)
             if full is None:
                 full = torch.empty(full_shape(rule.kind, shapes, self.padded_vocab), dtype=shard.dtype)
             row = 0
-            for b in blocks(rule.kind, shapes, names, self.config, self.tp, r, self.padded_vocab):
+            for b in blocks(rule.kind, shapes, names, self.config, tp, r, self.padded_vocab):
                 region = full[b.offset[0]:b.offset[0] + b.shape[0]]
                 if len(b.offset) > 1:
                     region = region[:, b.offset[1]:b.offset[1] + b.shape[1]]
@@ -186,6 +197,7 @@ class LegacyCheckpoint(MegatronCheckpoint):
             self.config.num_layers)
         self.impl = "local" if any(k.endswith("input_layernorm.weight") for k in
                                    first[self._container(0)]) else "transformer_engine"
+        self.grouped = bool(getattr(self.args, "moe_grouped_gemm", False))
 
     def _load(self, path: str) -> dict:
         if path not in self._open:
@@ -200,9 +212,10 @@ class LegacyCheckpoint(MegatronCheckpoint):
     def _container(self, chunk: int) -> str:
         return f"model{chunk}" if self.layout["vpp"] else "model"
 
-    def _file(self, tp_rank: int, pp_rank: int) -> str:
-        name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.layout["pp"] > 1 else "")
-        return os.path.join(self.folder, name, "model_optim_rng.pt")
+    def _file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+        layout = TargetLayout(tp=self.tp, pp=self.layout["pp"], ep=self.ep)
+        return os.path.join(self.path, layout.legacy_file(tp_rank, pp_rank, ep_rank).replace(
+            "iter_0000001", os.path.relpath(self.folder, self.path), 1))
 
     def _has(self, rule: Rule) -> bool:
         first = self._load(self.rank_files[0])
@@ -210,21 +223,26 @@ class LegacyCheckpoint(MegatronCheckpoint):
         return any(key in v or rule.name("local").format(i=0) in v for k, v in first.items()
                    if k.startswith("model") and isinstance(v, dict))
 
-    def _full(self, rule: Rule, layer: int | None) -> torch.Tensor:
+    def _full(self, rule: Rule, layer: int | None, expert: int | None = None) -> torch.Tensor:
+        ep_rank = 0
         if layer is None:
             first = rule.megatron.startswith("embedding.")
             p, v, key = (0, 0, rule.megatron) if first else (self.layout["pp"] - 1, (self.layout["vpp"] or 1) - 1,
                                                               rule.megatron)
         else:
             p, v, j = self.placement[layer]
-            key = rule.name(self.impl).format(i=j)
+            local = None
+            if expert is not None:
+                ep_rank, local = divmod(expert, self.config.num_experts // self.ep)
+            key = rule.name(self.impl, self.grouped).format(i=j, e=local)
 
         def shard_of(r: int) -> torch.Tensor:
-            sd = self._load(self._file(r, p))[self._container(v)]
+            path = self._file(r, p, ep_rank)  # expert-TP rank r lives in TP rank r's file (etp divides tp)
+            sd = self._load(path)[self._container(v)]
             if key not in sd:
-                raise ConversionError(f"{self._file(r, p)}: tensor {key!r} missing")
+                raise ConversionError(f"{path}: tensor {key!r} missing")
             return sd[key]
-        return self._assemble(rule, layer, shard_of)
+        return self._assemble(rule, layer, expert, shard_of)
 
     def stored(self) -> list[tuple[str, str, tuple, int]]:
         out = []
@@ -257,23 +275,35 @@ class TorchDistCheckpoint(MegatronCheckpoint):
                 self.chunks.setdefault(idx.fqn, []).append((tuple(idx.offset), info))
         super().__init__(path, common["args"])
 
+    def _key(self, rule: Rule, layer: int | None) -> tuple[str, tuple]:
+        """The DCP key holding this rule's tensor, and the leading (layer, expert) axes to select on."""
+        cfg = self.config
+        stacked = len({cfg.is_moe_layer(i) for i in range(cfg.num_layers)}) == 1
+        keys = [rule.torch_dist_key(impl, None if (stacked or layer is None) else layer)
+                for impl in ("transformer_engine", "local")]
+        key = next((k for k in keys if k in self.meta.state_dict_metadata), keys[0])
+        return key, stacked
+
     def _has(self, rule: Rule) -> bool:
-        return rule.torch_dist_key() in self.meta.state_dict_metadata
+        layer = next((i for i in range(self.config.num_layers) if rule.applies(self.config, i)), 0)
+        key, _ = self._key(rule, layer if rule.per_layer else None)
+        return key in self.meta.state_dict_metadata
 
     def _read_chunk(self, info) -> torch.Tensor:
         return read_dcp_chunk(self.folder, info)
 
-    def _full(self, rule: Rule, layer: int | None) -> torch.Tensor:
-        key = rule.torch_dist_key()
+    def _full(self, rule: Rule, layer: int | None, expert: int | None = None) -> torch.Tensor:
+        key, stacked = self._key(rule, layer)
+        lead = tuple(x for x in ((layer if stacked else None), expert) if x is not None)
         md = self.meta.state_dict_metadata[key]
-        shape = tuple(md.size)[1:] if layer is not None else tuple(md.size)
+        shape = tuple(md.size)[len(lead):]
         full = torch.empty(shape, dtype=md.properties.dtype)
         for offset, info in self.chunks.get(key, []):
-            if layer is not None and offset[0] != layer:
-                continue  # another layer's chunk: never read
+            if offset[:len(lead)] != lead:
+                continue  # another layer's or expert's chunk: never read
             chunk = self._read_chunk(info)
-            if layer is not None:
-                chunk, offset = chunk[0], offset[1:]
+            if lead:
+                chunk, offset = chunk.reshape(chunk.shape[len(lead):]), offset[len(lead):]
             region = full
             for dim, (o, n) in enumerate(zip(offset, chunk.shape)):
                 region = region.narrow(dim, o, n)

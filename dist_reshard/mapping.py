@@ -36,16 +36,33 @@ class Rule:
     dist_key: str | None = None  # torch_dist key when it differs from the TE name with the layer dropped
     tied_to: str | None = None  # with tied embeddings this tensor is a copy of that Megatron tensor
     optional: bool = False  # present only when the HF checkpoint has it (e.g. qkv bias)
+    where: str = "all"  # which layers hold it: "all", "dense" (plain MLP) or "moe" (routed experts)
+    expert: bool = False  # one tensor per routed expert: `{e}` is the global (HF) / local (Megatron) index
+    grouped: str | None = None  # grouped-GEMM name (`--moe-grouped-gemm`) when it differs
+    local_dist_key: str | None = None  # torch_dist key of the local spec when it differs from the TE one
+    ffn: str = "dense"  # which FFN width its MLP shapes use: "dense", "expert" or "shared"
 
     @property
     def per_layer(self) -> bool:
         return self.megatron.startswith(LAYER)
 
-    def name(self, transformer_impl: str) -> str:
+    def applies(self, cfg: ModelConfig, layer: int) -> bool:
+        return self.where == "all" or cfg.is_moe_layer(layer) == (self.where == "moe")
+
+    def name(self, transformer_impl: str, grouped_gemm: bool = False) -> str:
+        if grouped_gemm and self.grouped:
+            return self.grouped
         return self.local if (transformer_impl == "local" and self.local) else self.megatron
 
-    def torch_dist_key(self) -> str:
-        return self.dist_key or self.megatron.replace("{i}.", "")
+    def torch_dist_key(self, transformer_impl: str = "transformer_engine", layer: int | None = None) -> str:
+        """The DCP key. Homogeneous stacks drop the layer index (layers form a leading axis); stacks mixing
+        dense and MoE layers keep it as `decoder.layers.{g}.` with the global index g."""
+        key = (self.local_dist_key if transformer_impl == "local" and self.local_dist_key else None) \
+            or self.dist_key or self.megatron.replace("{i}.", "")
+        return key if layer is None else key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
+
+    def hf_names(self, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
+        return tuple(n.format(i=layer, e=expert) for n in self.hf)
 
 
 def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
@@ -55,8 +72,12 @@ def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
     if is_layer:
         megatron = LAYER + megatron
         names = tuple(HF_LAYER + n for n in names)
-        if kw.get("local"):
-            kw["local"] = LAYER + kw["local"]
+        for field in ("local", "grouped"):
+            if kw.get(field):
+                kw[field] = LAYER + kw[field]
+        for field in ("dist_key", "local_dist_key"):
+            if kw.get(field):
+                kw[field] = "decoder.layers." + kw[field]
     return Rule(megatron, names, kind, **kw)
 
 
@@ -150,7 +171,9 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
 
 def hf_shapes(rule: Rule, cfg: ModelConfig) -> list[tuple[int, ...]]:
     """The HF tensors' shapes a rule implies for this config (for checking a source, or rebuilding one)."""
-    h, d, f, v = cfg.hidden_size, cfg.kv_channels, cfg.ffn_hidden_size, cfg.vocab_size
+    h, d, v = cfg.hidden_size, cfg.kv_channels, cfg.vocab_size
+    f = {"dense": cfg.ffn_hidden_size, "expert": cfg.moe_ffn_hidden_size,
+         "shared": cfg.shared_expert_ffn_hidden_size}[rule.ffn]
     q, kv = cfg.num_attention_heads * d, cfg.num_query_groups * d
     name = rule.megatron
     if rule.kind is Kind.VOCAB:
@@ -164,6 +187,10 @@ def hf_shapes(rule: Rule, cfg: ModelConfig) -> list[tuple[int, ...]]:
         return [(h, q)] if "linear_proj" in name else [(h, f)]
     if "q_layernorm" in name or "k_layernorm" in name:
         return [(d,)]
+    if name.endswith("router.weight"):
+        return [(cfg.num_experts, h)]
+    if name.endswith("gate_weight"):  # the shared expert's sigmoid gate
+        return [(1, h)]
     return [(h,)]
 
 

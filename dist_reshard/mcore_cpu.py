@@ -47,7 +47,8 @@ def apply_cpu_patches() -> None:
     _PATCHED = True
 
 
-def init_parallel(tp: int, pp: int, vpp: int | None = None, ep: int = 1, seed: int = 1234) -> None:
+def init_parallel(tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: int | None = None,
+                  seed: int = 1234) -> None:
     """(Re)initialise Megatron's model-parallel groups on an already initialised gloo world."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -60,6 +61,7 @@ def init_parallel(tp: int, pp: int, vpp: int | None = None, ep: int = 1, seed: i
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
     )
     # Layers look up the tracker's named states during forward; seeding registers them.
     model_parallel_cuda_manual_seed(seed)
@@ -99,6 +101,28 @@ def _transformer_config(args: Namespace):
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         pipeline_dtype=torch.float32,
+        **_moe_config(args),
+    )
+
+
+def _moe_config(args: Namespace) -> dict:
+    """The checkpoint's MoE args as TransformerConfig fields, with the dispatcher that runs on CPU."""
+    if not getattr(args, "num_experts", None):
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_layer_freq=args.moe_layer_freq,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_token_dispatcher_type="allgather",  # alltoall needs CUDA streams (FORMATS.md section 8)
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
     )
 
 
@@ -106,15 +130,20 @@ def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
     """This rank's GPTModel chunks (one per virtual pipeline stage), local spec, float32, eval mode."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     apply_cpu_patches()
     config = _transformer_config(args)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
     vpp = args.virtual_pipeline_model_parallel_size
     models = []
     for v in range(vpp or 1):
         vp_stage = v if vpp else None
+        if getattr(args, "num_experts", None):
+            # The block spec places MoE and dense layers by moe_layer_freq for this stage.
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage,
+                                              pp_rank=ps.get_pipeline_model_parallel_rank())
+        else:
+            spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

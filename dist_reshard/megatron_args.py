@@ -51,7 +51,7 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         add_bias_linear=False,
         untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
         window_size=(cfg.sliding_window, 0) if cfg.sliding_window else None,
-        num_experts=None,
+        **_moe_args(cfg, layout),
         # Vocabulary.
         padded_vocab_size=padded_vocab,
         vocab_size=cfg.vocab_size,
@@ -63,8 +63,8 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         num_layers_per_virtual_pipeline_stage=per_stage // layout.vpp if layout.vpp else None,
-        expert_model_parallel_size=1,
-        expert_tensor_parallel_size=None,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
         sequence_parallel=False,
         # Precision and format.
         params_dtype=getattr(torch, _PARAMS_DTYPE[dtype].split(".")[1]),
@@ -79,4 +79,34 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         hf_architecture=cfg.architecture,
         hf_model_type=cfg.model_type,
         model_family=family,
+    )
+
+
+def _moe_args(cfg: ModelConfig, layout: TargetLayout) -> dict:
+    """Megatron's MoE flags that reproduce the HF routing (softmax scores, top-k, renormalisation).
+
+    HF takes a softmax over all experts, then the top-k; Mixtral (and Qwen with `norm_topk_prob`)
+    renormalise the k weights, which equals Megatron's top-k of logits followed by a softmax over the k
+    (`moe_router_pre_softmax=False`). Without renormalisation it is softmax-then-top-k (`True`).
+    `moe_layer_freq` is written as an explicit per-layer list when dense and MoE layers mix: Megatron's
+    integer form counts phase from layer 0, the opposite of HF's `decoder_sparse_step`.
+    """
+    if not cfg.num_experts:
+        return dict(num_experts=None)
+    pattern = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    shared = cfg.shared_expert_ffn_hidden_size or None
+    return dict(
+        num_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_topk=cfg.moe_topk,
+        moe_router_pre_softmax=not cfg.norm_topk_prob,
+        moe_router_score_function="softmax",
+        moe_router_topk_scaling_factor=None,
+        moe_layer_freq=1 if all(pattern) else pattern,
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=bool(shared),
+        moe_grouped_gemm=layout.moe_grouped_gemm,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=float(cfg.raw.get("router_aux_loss_coef", 0.0) or 0.0),
+        moe_token_dispatcher_type="alltoall",
     )

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .errors import ConversionError
 from .hf_config import ModelConfig
 from .layout import DTYPES, TargetLayout
-from .mapping import Family, Piece, Rule, blocks, full_shape, hf_shapes
+from .mapping import Family, Kind, Piece, Rule, blocks, full_shape, hf_shapes
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -49,12 +50,12 @@ class Target:
     pieces: tuple[Piece, ...]  # dst_row in this target's dim 0
     global_shape: tuple[int, ...] | None = None  # torch_dist only
     global_offset: tuple[int, ...] | None = None  # torch_dist only
-    layer_axis: bool = False  # torch_dist: shape carries a leading layer axis of 1
+    lead: int = 0  # torch_dist: leading singleton axes (layer, expert) before the tensor's own dims
 
     @property
     def rows(self) -> int:
         """Extent of the dim the pieces' dst_row indexes."""
-        return self.shape[1] if self.layer_axis else self.shape[0]
+        return self.shape[self.lead]
 
     @property
     def nbytes(self) -> int:
@@ -204,30 +205,53 @@ class Plan:
 # Targets: what the output holds, as pieces of source tensors.
 
 
+def _instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None]]:
+    """(global layer, global expert) of every tensor set a rule stands for in this model."""
+    layers = [i for i in range(cfg.num_layers) if rule.applies(cfg, i)] if rule.per_layer else [None]
+    experts = range(cfg.num_experts) if rule.expert else [None]
+    return [(i, e) for i in layers for e in experts]
+
+
+def _stray_expert(name: str, family: Family, cfg: ModelConfig) -> str | None:
+    """Why an unmapped tensor is there, when it is an expert the config does not declare."""
+    for rule in family.rules:
+        if not rule.expert:
+            continue
+        for pattern in rule.hf:
+            regex = re.escape(pattern).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"(\d+)")
+            m = re.fullmatch(regex, name)
+            if m and int(m.group(1)) >= cfg.num_experts:
+                return (f"expert {m.group(1)} exists but config.json declares {cfg.num_experts} experts "
+                        f"(num_experts / num_local_experts)")
+    return None
+
+
 def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig) -> list[Rule]:
     """The family's rules that apply to this checkpoint, with every source tensor accounted for."""
     rules, used = [], set()
     for rule in family.rules:
-        layers = range(cfg.num_layers) if rule.per_layer else [None]
         if rule.tied_to and cfg.tie_word_embeddings:
             rules.append(rule)
             continue
-        present = [all(n.format(i=i) in index for n in rule.hf) for i in layers]
-        if rule.optional and not any(present):
+        instances = _instances(rule, cfg)
+        present = [all(n in index for n in rule.hf_names(i, e)) for i, e in instances]
+        if not instances or (rule.optional and not any(present)):
             continue
-        for i, ok in zip(layers, present):
+        for (i, e), ok in zip(instances, present):
             if not ok:
-                missing = next(n.format(i=i) for n in rule.hf if n.format(i=i) not in index)
+                missing = next(n for n in rule.hf_names(i, e) if n not in index)
+                why = f"; config.json declares {cfg.num_experts} experts" if rule.expert else ""
                 raise ConversionError(f"source tensor {missing!r} is missing from the safetensors files "
-                                      f"(needed for {rule.megatron.format(i=i)})")
-            used.update(n.format(i=i) for n in rule.hf)
+                                      f"(needed for {rule.megatron.format(i=i, e=e)}{why})")
+            used.update(rule.hf_names(i, e))
         rules.append(rule)
     unknown = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings:
         unknown = [n for n in unknown if n != "lm_head.weight"]  # some tied checkpoints still store a copy
     if unknown:
-        raise ConversionError(f"{index[unknown[0]].file}: tensor {unknown[0]!r} is not mapped by the "
-                              f"{family.name} family ({len(unknown)} unmapped tensors); refusing to drop it")
+        why = _stray_expert(unknown[0], family, cfg) or (f"not mapped by the {family.name} family "
+                                                         f"({len(unknown)} unmapped tensors); refusing to drop it")
+        raise ConversionError(f"{index[unknown[0]].file}: tensor {unknown[0]!r}: {why}")
     return rules
 
 
@@ -245,64 +269,81 @@ def _output_dtype(layout: TargetLayout, source: SourceTensor) -> str:
 
 def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig,
                    layout: TargetLayout, padded_vocab: int) -> list[tuple[tuple, Target]]:
-    """(unit key, target) pairs; unit keys group targets into output files or DCP chunks."""
+    """(unit key, target) pairs; unit keys group targets into output files or DCP chunks.
+
+    Legacy unit keys are (tp, pp, ep) rank files: every file of an EP group holds the same dense TP shard
+    and its own experts, renumbered from 0. torch_dist unit keys are chunks of global tensors.
+    """
     rules = _resolve_rules(family, index, cfg)
     placement = layout.layer_placement(cfg.num_layers)
     by_name = {r.megatron: r for r in rules}
+    legacy = layout.ckpt_format == "torch"
+    impl = layout.transformer_impl
+    # Megatron stacks layers on a leading torch_dist axis only when every layer has the same modules.
+    stacked = len({cfg.is_moe_layer(i) for i in range(cfg.num_layers)}) == 1
+    experts_per_rank = cfg.num_experts // layout.ep if cfg.num_experts else 0
     out: list[tuple[tuple, Target]] = []
-    last_pp, last_chunk = layout.pp - 1, layout.chunks - 1
 
-    def add(unit_key, container, key, tp_rank, rule, names, layer):
+    def add_legacy(unit_key, container, key, rule, names, tp, tp_rank):
         shapes = [index[n].shape for n in names]
-        blks = blocks(rule.kind, shapes, names, cfg, layout.tp, tp_rank, padded_vocab)
-        dtype = _output_dtype(layout, index[names[0]])
-        if layout.ckpt_format == "torch":
-            pieces, row = [], 0
-            for b in blks:
-                pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
-                row += b.shape[0]
-            shape = (row,) + blks[0].shape[1:]
-            out.append((unit_key, Target(-1, -1, container, key, shape, dtype, tuple(pieces))))
-            return
-        full = full_shape(rule.kind, shapes, padded_vocab)
+        blks = blocks(rule.kind, shapes, names, cfg, tp, tp_rank, padded_vocab)
+        pieces, row = [], 0
         for b in blks:
-            if layer is None:
-                gshape, goff, shape = full, b.offset, b.shape
-            else:
-                gshape, goff, shape = (cfg.num_layers,) + full, (layer,) + b.offset, (1,) + b.shape
-            out.append(((key, layer, goff), Target(-1, -1, None, key, shape, dtype, b.pieces, gshape, goff,
-                                                         layer is not None)))
+            pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
+            row += b.shape[0]
+        shape = (row,) + blks[0].shape[1:]
+        out.append((unit_key, Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]]),
+                                     tuple(pieces))))
+
+    def add_dist(key, lead_offset, lead_shape, rule, names, tp):
+        shapes = [index[n].shape for n in names]
+        full = full_shape(rule.kind, shapes, padded_vocab)
+        ones = (1,) * len(lead_offset)
+        for r in (range(tp) if rule.kind is not Kind.REPLICATED else [0]):
+            for b in blocks(rule.kind, shapes, names, cfg, tp, r, padded_vocab):
+                goff = lead_offset + b.offset
+                out.append(((key, goff), Target(-1, -1, None, key, ones + b.shape,
+                                                _output_dtype(layout, index[names[0]]), b.pieces,
+                                                lead_shape + full, goff, len(lead_offset))))
 
     for rule in rules:
-        legacy = layout.ckpt_format == "torch"
-        name = rule.name(layout.transformer_impl)
         if rule.tied_to and cfg.tie_word_embeddings:
             if not legacy or layout.pp == 1:
                 continue  # tied and on the same stage (or torch_dist, which keys it as the embedding)
-            names = by_name[rule.tied_to].hf
+            hf_rule = by_name[rule.tied_to]
         else:
-            names = rule.hf
-        if rule.per_layer:
-            for i in range(cfg.num_layers):
-                hf = tuple(n.format(i=i) for n in names)
-                _check_shapes(rule, hf, index, cfg)
+            hf_rule = rule
+        tp = layout.expert_tp if rule.expert else layout.tp
+        for i, e in _instances(rule, cfg):
+            names = hf_rule.hf_names(i, e)
+            _check_shapes(hf_rule, names, index, cfg)
+            if i is None:
+                p, v, j = (0, 0, None) if rule.megatron.startswith("embedding.") else (layout.pp - 1,
+                                                                                       layout.chunks - 1, None)
+            else:
                 p, v, j = placement[i]
-                tp_ranks = range(layout.tp) if legacy or rule.kind.value != "replicated" else [0]
-                for r in tp_ranks:
-                    if legacy:
-                        add((r, p), layout.container(v), name.format(i=j), r, rule, hf, None)
-                    else:
-                        add(None, None, rule.torch_dist_key(), r, rule, hf, i)
-        else:
-            _check_shapes(rule, names, index, cfg)
-            first = rule.megatron.startswith("embedding.")
-            p, v = (0, 0) if first else (last_pp, last_chunk)
-            tp_ranks = range(layout.tp) if legacy or rule.kind.value != "replicated" else [0]
-            for r in tp_ranks:
-                if legacy:
-                    add((r, p), layout.container(v), name, r, rule, names, None)
+            if legacy:
+                container = layout.container(v)
+                if e is None:
+                    key = rule.name(impl).format(i=j)
+                    for r in range(layout.tp):
+                        for ep_rank in range(layout.ep):
+                            add_legacy((r, p, ep_rank), container, key, rule, names, tp, r)
                 else:
-                    add(None, None, rule.torch_dist_key(), r, rule, names, None)
+                    ep_rank, local = divmod(e, experts_per_rank)
+                    key = rule.name(impl, layout.moe_grouped_gemm).format(i=j, e=local)
+                    for r in range(layout.tp):
+                        # etp divides tp here (validated), so TP rank r holds expert-TP shard r % etp.
+                        add_legacy((r, p, ep_rank), container, key, rule, names, tp, r % tp)
+            else:
+                if i is None:
+                    add_dist(rule.torch_dist_key(impl), (), (), rule, names, tp)
+                elif stacked:
+                    lead = ((i, e), (cfg.num_layers, cfg.num_experts)) if e is not None else ((i,), (cfg.num_layers,))
+                    add_dist(rule.torch_dist_key(impl), *lead, rule, names, tp)
+                else:
+                    lead = ((e,), (cfg.num_experts,)) if e is not None else ((), ())
+                    add_dist(rule.torch_dist_key(impl, layer=i), *lead, rule, names, tp)
     return out
 
 
@@ -341,11 +382,14 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
         src = index[name]
         pieces = uses[name]
         cuts = sorted({b for p, _ in pieces for b in p.rows})
-        rows_cap = max(1, max_item_bytes // max(1, src.row_bytes))
         for lo, hi in zip(cuts, cuts[1:]):
             covering = [(p, t) for p, t in pieces if p.rows[0] <= lo and hi <= p.rows[1]]
             if not covering:
                 continue
+            # A run sent to many files (dense weights duplicated across EP rank files) is cut finer, so
+            # that the reader's send buffers, not just its read, fit in a bucket.
+            fan_out = len({t.unit for _, t in covering})
+            rows_cap = max(1, max_item_bytes // max(1, src.row_bytes * fan_out))
             for a in range(lo, hi, rows_cap):
                 runs.append((src, (a, min(hi, a + rows_cap)), covering))
 
@@ -383,39 +427,46 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
 
 
 def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, bucket_bytes: int) -> list[Bucket]:
-    """Round-robin over readers so every rank reads in every bucket, within per-rank byte bounds."""
+    """Round-robin over readers so every rank reads in every bucket, within per-rank byte bounds.
+
+    A rank whose next item does not fit is done for this bucket (in-flight bytes only grow), so each
+    bucket costs one pass over the ranks still reading plus its items.
+    """
     out_of: dict[int, list[Transfer]] = defaultdict(list)
     for t in transfers:
         out_of[t.item].append(t)
+    need: list[dict[int, int]] = []
+    for it in items:
+        n: dict[int, int] = defaultdict(int)
+        n[it.reader] += it.nbytes
+        for t in out_of[it.index]:
+            n[t.src] += t.nbytes
+            n[t.dst] += t.nbytes
+        need.append(n)
     queues = [[] for _ in range(world)]
     for it in items:
         queues[it.reader].append(it.index)
     heads = [0] * world
+    active = [r for r in range(world) if queues[r]]
     buckets = []
-    remaining = len(items)
-    while remaining:
-        inflight = [0] * world
+    while active:
+        inflight: dict[int, int] = defaultdict(int)
         chosen: list[int] = []
-        progress = True
-        while progress:
-            progress = False
-            for r in range(world):
-                if heads[r] == len(queues[r]):
-                    continue
+        open_ranks = list(active)
+        while open_ranks:
+            still_open = []
+            for r in open_ranks:
                 i = queues[r][heads[r]]
-                need = defaultdict(int)
-                need[r] += items[i].nbytes
-                for t in out_of[i]:
-                    need[t.src] += t.nbytes
-                    need[t.dst] += t.nbytes
-                if chosen and any(inflight[q] + n > bucket_bytes for q, n in need.items()):
+                if chosen and any(inflight[q] + n > bucket_bytes for q, n in need[i].items()):
                     continue
-                for q, n in need.items():
+                for q, n in need[i].items():
                     inflight[q] += n
                 chosen.append(i)
                 heads[r] += 1
-                remaining -= 1
-                progress = True
+                if heads[r] < len(queues[r]):
+                    still_open.append(r)
+            open_ranks = still_open
+        active = [r for r in active if heads[r] < len(queues[r])]
         chosen.sort()
         buckets.append(Bucket(tuple(chosen), tuple(t.index for i in chosen for t in out_of[i])))
     return buckets
@@ -451,8 +502,8 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     writers = _assign_writers(unit_bytes, world)
     paths: list[str | None] = [None] * len(unit_keys)
     if layout.ckpt_format == "torch":
-        for (tp_rank, pp_rank), u in unit_keys.items():
-            paths[u] = layout.legacy_file(tp_rank, pp_rank)
+        for key, u in unit_keys.items():
+            paths[u] = layout.legacy_file(*key)
     units = [WriteUnit(u, paths[u], writers[u], unit_bytes[u]) for u in range(len(unit_keys))]
 
     if max_item_bytes is None:

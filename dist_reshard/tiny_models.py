@@ -25,7 +25,19 @@ VARIANTS = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(rope_theta=1000000.0, tie_word_embeddings=False)),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(rope_theta=1000000.0, head_dim=32,
                                                        tie_word_embeddings=False)),
+    # Mixture of experts: 4 experts, top 2. Mixtral is MoE in every layer; the Qwens mix dense layers in
+    # (Qwen2-MoE every other layer, Qwen3-MoE all but layer 0) so both torch_dist key forms are exercised.
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(rope_theta=1000000.0, num_local_experts=4,
+                                                            num_experts_per_tok=2, intermediate_size=96)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(
+        rope_theta=1000000.0, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, decoder_sparse_step=2, tie_word_embeddings=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
+        rope_theta=1000000.0, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        mlp_only_layers=[0], norm_topk_prob=True, tie_word_embeddings=False)),
 }
+
+MOE_VARIANTS = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", **overrides):

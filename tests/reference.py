@@ -23,6 +23,21 @@ def fused_qkv(q, k, v, ng: int) -> torch.Tensor:
     return torch.cat([q.view(ng, -1, h), k.view(ng, -1, h), v.view(ng, -1, h)], dim=1).reshape(-1, h)
 
 
+def attention(hf: dict[str, torch.Tensor], p: str, ng: int) -> dict[str, torch.Tensor]:
+    """One layer's attention tensors (TE names) from the HF layer prefix `p`."""
+    out = {
+        "self_attention.linear_qkv.layer_norm_weight": hf[p + "input_layernorm.weight"],
+        "self_attention.linear_qkv.weight": fused_qkv(*(hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"), ng),
+        "self_attention.linear_proj.weight": hf[p + "self_attn.o_proj.weight"],
+    }
+    if p + "self_attn.q_proj.bias" in hf:
+        out["self_attention.linear_qkv.bias"] = fused_qkv(*(hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"), ng)
+    if p + "self_attn.q_norm.weight" in hf:
+        out["self_attention.q_layernorm.weight"] = hf[p + "self_attn.q_norm.weight"]
+        out["self_attention.k_layernorm.weight"] = hf[p + "self_attn.k_norm.weight"]
+    return out
+
+
 def full_megatron(hf: dict[str, torch.Tensor], config, tp: int, divisible_by: int = 128) -> dict[str, object]:
     """Global (unsharded, padded) Megatron tensors with TE names; per-layer entries are lists by layer."""
     ng = config.num_key_value_heads
@@ -34,19 +49,11 @@ def full_megatron(hf: dict[str, torch.Tensor], config, tp: int, divisible_by: in
     layers: dict[str, list] = {}
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}."
-        entry = {
-            "self_attention.linear_qkv.layer_norm_weight": hf[p + "input_layernorm.weight"],
-            "self_attention.linear_qkv.weight": fused_qkv(*(hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"), ng),
-            "self_attention.linear_proj.weight": hf[p + "self_attn.o_proj.weight"],
+        entry = dict(attention(hf, p, ng), **{
             "mlp.linear_fc1.layer_norm_weight": hf[p + "post_attention_layernorm.weight"],
             "mlp.linear_fc1.weight": torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
             "mlp.linear_fc2.weight": hf[p + "mlp.down_proj.weight"],
-        }
-        if p + "self_attn.q_proj.bias" in hf:
-            entry["self_attention.linear_qkv.bias"] = fused_qkv(*(hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"), ng)
-        if p + "self_attn.q_norm.weight" in hf:
-            entry["self_attention.q_layernorm.weight"] = hf[p + "self_attn.q_norm.weight"]
-            entry["self_attention.k_layernorm.weight"] = hf[p + "self_attn.k_norm.weight"]
+        })
         for k, v in entry.items():
             layers.setdefault(k, []).append(v)
     out.update({f"decoder.layers.{k}": v for k, v in layers.items()})

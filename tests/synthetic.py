@@ -9,6 +9,16 @@ LLAMA_405B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden
                   intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128, num_key_value_heads=8,
                   vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, torch_dtype="bfloat16")
 
+MIXTRAL_8X22B = dict(architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=6144,
+                     intermediate_size=16384, num_hidden_layers=56, num_attention_heads=48, num_key_value_heads=8,
+                     vocab_size=32768, num_local_experts=8, num_experts_per_tok=2, torch_dtype="bfloat16")
+QWEN3_235B = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=4096,
+                  intermediate_size=12288, moe_intermediate_size=1536, num_hidden_layers=94, num_attention_heads=64,
+                  num_key_value_heads=4, head_dim=128, vocab_size=151936, num_experts=128, num_experts_per_tok=8,
+                  decoder_sparse_step=1, mlp_only_layers=[], torch_dtype="bfloat16")
+_EXPERT_NAMES = {"MixtralForCausalLM": ("block_sparse_moe", "w1", "w3", "w2"),
+                 "Qwen3MoeForCausalLM": ("mlp", "gate_proj", "up_proj", "down_proj")}
+
 
 def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
@@ -23,13 +33,22 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{i}."
         shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
                        p + "self_attn.q_proj.weight": (heads * d, h), p + "self_attn.k_proj.weight": (groups * d, h),
-                       p + "self_attn.v_proj.weight": (groups * d, h), p + "self_attn.o_proj.weight": (h, heads * d),
-                       p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-                       p + "mlp.down_proj.weight": (h, f)})
+                       p + "self_attn.v_proj.weight": (groups * d, h), p + "self_attn.o_proj.weight": (h, heads * d)})
+        experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+        if experts:
+            block, gate, up, down = _EXPERT_NAMES[cfg["architectures"][0]]
+            fe = cfg.get("moe_intermediate_size") or f
+            shapes[f"{p}{block}.gate.weight"] = (experts, h)
+            for e in range(experts):
+                q = f"{p}{block}.experts.{e}."
+                shapes.update({q + gate + ".weight": (fe, h), q + up + ".weight": (fe, h), q + down + ".weight": (h, fe)})
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+                           p + "mlp.down_proj.weight": (h, f)})
         if qwen2:
             shapes.update({p + "self_attn.q_proj.bias": (heads * d,), p + "self_attn.k_proj.bias": (groups * d,),
                            p + "self_attn.v_proj.bias": (groups * d,)})
-        if qwen3:
+        if qwen3 or cfg["architectures"][0] == "Qwen3MoeForCausalLM":
             shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
     return shapes
 

@@ -77,6 +77,19 @@ def _unsupported(folder):
     return "unsupported architecture 'GPT2LMHeadModel'"
 
 
+def _config_experts(n):
+    def mutate(folder):
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        cfg["num_local_experts"] = n
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+        return (f"expert {n} exists but config.json declares {n} experts" if n < 4
+                else "experts.4.w1.weight' is missing")
+    return mutate
+
+
 CASES = {
     "heads": (None, ["--tp", "3"], "--tp 3: num_attention_heads = 8"),
     "query_groups": (None, ["--tp", "8"], "--tp 8: num_query_groups (num_key_value_heads) = 4"),
@@ -88,13 +101,20 @@ CASES = {
     "truncated": (_truncate, [], None),
     "offsets_outside_file": (_offsets_outside, [], None),
     "unsupported_architecture": (_unsupported, [], None),
+    # Mixture of experts (the tiny Mixtral has 4 experts).
+    "experts_vs_ep": (None, ["--ep", "3"], "--ep 3: num_experts = 4 is not divisible", "mixtral"),
+    "expert_grid": (None, ["--ep", "2", "--etp", "2", "--ckpt-format", "torch"],
+                    "--etp 2 --ep 2: the expert grid (ETP x EP = 4) does not fit", "mixtral"),
+    "ep_on_dense_model": (None, ["--ep", "2"], "--ep: LlamaForCausalLM has no experts", "llama3"),
+    "config_fewer_experts": (_config_experts(2), [], None, "mixtral"),
+    "config_more_experts": (_config_experts(8), [], None, "mixtral"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_fails_on_every_rank(hf_models, tmp_path, case):
-    mutate, flags, expected = CASES[case]
-    load = _copy(hf_models, tmp_path)
+    mutate, flags, expected, *variant = CASES[case]
+    load = _copy(hf_models, tmp_path, *variant)
     if mutate:
         expected = mutate(str(load))
     save = tmp_path / "out"

@@ -1,7 +1,9 @@
 """Real Megatron-Core loads the converter's output and reproduces the HF model's logits (float32).
 
 Legacy files: strict `load_state_dict` of each rank file into a GPTModel built for that rank.
-torch_dist: `dist_checkpointing.load`, also into a TP/PP other than the one it was written for.
+torch_dist: `dist_checkpointing.load`, also into a TP/PP/EP other than the one it was written for.
+MoE models (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE with dense layers mixed in) run with
+the allgather dispatcher in eval mode, as FORMATS.md section 8 describes.
 """
 
 import json
@@ -28,12 +30,25 @@ TWO_RANKS = [
     ("qwen2", "torch_dist", dict(tp=1, pp=2), dict(load_tp=2, load_pp=1)),
     ("qwen3", "torch", dict(tp=1, pp=2, vpp=2), None),
     ("qwen3", "torch_dist", dict(tp=2, pp=1), dict(load_tp=2, load_pp=1)),
+    # Mixture of experts: every legacy EP rank file strict-loads; torch_dist loads into another EP.
+    ("mixtral", "torch", dict(tp=1, pp=1, ep=2), None),
+    ("mixtral", "torch_dist", dict(tp=1, pp=1, ep=2), dict(load_tp=2, load_pp=1, load_ep=1)),
+    ("qwen2_moe", "torch", dict(tp=1, pp=1, ep=2), None),
+    ("qwen2_moe", "torch_dist", dict(tp=2, pp=1), dict(load_tp=1, load_pp=1, load_ep=2)),
+    ("qwen3_moe", "torch", dict(tp=1, pp=1, ep=2), None),
+    ("qwen3_moe", "torch_dist", dict(tp=1, pp=1, ep=2), dict(load_tp=1, load_pp=2, load_ep=1)),
 ]
 FOUR_RANKS = [
     ("llama3", "torch", dict(tp=2, pp=2), None),
     ("qwen3", "torch", dict(tp=2, pp=2), None),
     ("llama3.2", "torch", dict(tp=2, pp=2), None),
     ("qwen2", "torch_dist", dict(tp=1, pp=2, vpp=2), dict(load_tp=2, load_pp=2)),
+    ("mixtral", "torch", dict(tp=2, pp=1, ep=2), None),
+    ("qwen3_moe", "torch", dict(tp=1, pp=2, ep=2), None),
+    ("qwen2_moe", "torch", dict(tp=2, pp=1, ep=2, etp=1), None),
+    ("mixtral", "torch_dist", dict(tp=1, pp=1, ep=2, etp=2), dict(load_tp=2, load_pp=1, load_ep=2, load_etp=2)),
+    ("qwen3_moe", "torch_dist", dict(tp=2, pp=1, ep=2), dict(load_tp=1, load_pp=2, load_ep=2)),
+    ("qwen2_moe", "torch_dist", dict(tp=1, pp=1, ep=4), dict(load_tp=2, load_pp=1, load_ep=2)),
 ]
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from ..errors import ConversionError
 from ..mapping import Family
-from . import llama, qwen2, qwen3
+from . import llama, mixtral, qwen2, qwen3, qwen_moe
 
-FAMILIES: tuple[Family, ...] = (llama.LLAMA, llama.MISTRAL, qwen2.QWEN2, qwen3.QWEN3)
+FAMILIES: tuple[Family, ...] = (llama.LLAMA, llama.MISTRAL, qwen2.QWEN2, qwen3.QWEN3, mixtral.MIXTRAL,
+                              qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE)
 
 
 def family_for(architecture: str, config_path: str = "config.json") -> Family:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 
 # Megatron linear modules (inside a transformer layer, and the output layer) owning an `_extra_state`.
-_LINEAR = re.compile(r"^(?P<module>.*\.(linear_qkv|linear_proj|linear_fc1|linear_fc2)|output_layer)\.weight$")
+# Grouped-GEMM experts keep one `_extra_state` per module beside `weight0`, `weight1`, ...
+_LINEAR = re.compile(r"^(?P<module>.*\.(linear_qkv|linear_proj|linear_fc1|linear_fc2)|output_layer)\.weight\d*$")
 
 
 def linear_modules(keys) -> list[str]:
@@ -17,6 +18,6 @@ def linear_modules(keys) -> list[str]:
     out = []
     for k in keys:
         m = _LINEAR.match(k)
-        if m:
+        if m and m.group("module") not in out:
             out.append(m.group("module"))
     return out

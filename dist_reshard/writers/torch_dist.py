@@ -27,14 +27,15 @@ METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 
 
 def _extra_state_objects(plan: Plan) -> dict[str, io.BytesIO]:
-    """One serialized None per linear module and layer, keyed as Megatron's ShardedObjects are."""
+    """One serialized None per linear module, layer and expert, keyed as Megatron's ShardedObjects are:
+    `shard_<offsets>_<shape>` over the leading (layer, expert) axes, or `shard_0_1` without them."""
     out = {}
     for t in plan.targets:
         for module in linear_modules([t.key]):
-            if t.global_offset is None or len(t.global_shape) < 3:
-                continue  # only per-layer modules have sharded extra state (none for output_layer)
-            layer, layers = t.global_offset[0], t.global_shape[0]
-            key = f"{module}._extra_state/shard_{layer}_{layers}"
+            if not t.key.startswith("decoder.layers."):
+                continue  # only layer modules have sharded extra state (none for output_layer)
+            offsets, shape = (t.global_offset[:t.lead], t.global_shape[:t.lead]) if t.lead else ((0,), (1,))
+            key = f"{module}._extra_state/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
             if key not in out:
                 buf = io.BytesIO()
                 torch.save([None], buf)

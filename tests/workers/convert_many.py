@@ -16,7 +16,8 @@ if __name__ == "__main__":
         cases = json.load(f)
     for case in cases:
         layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
-                              transformer_impl=case.get("impl", "transformer_engine"), dtype=case.get("dtype"))
+                              transformer_impl=case.get("impl", "transformer_engine"), dtype=case.get("dtype"),
+                              ep=case.get("ep", 1), etp=case.get("etp"), moe_grouped_gemm=case.get("grouped", False))
         job = run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True,
                           bucket_bytes=case.get("bucket_bytes", 256 << 20)))
         if collectives.rank() == 0:

@@ -1,9 +1,10 @@
 """torchrun worker: convert, then load the output into real Megatron-Core GPTModels on CPU and compare
 the Megatron forward's logits with the HF model's.
 
-argv[1]: JSON list of cases {load, save, format, tp, pp, vpp, impl, load_tp, load_pp, load_vpp};
-argv[2]: JSON results written by rank 0 (one entry per case: max relative logits difference, keys).
-The world size must equal load_tp * load_pp for every case.
+argv[1]: JSON list of cases {load, save, format, tp, pp, vpp, ep, etp, impl, load_tp, load_pp, load_vpp,
+load_ep, load_etp}; argv[2]: JSON results written by rank 0 (one entry per case: max relative logits
+difference). The world size must be a valid Megatron world for every loaded layout (TP x PP x DP, with
+ETP x EP dividing TP x DP).
 """
 
 import json
@@ -26,17 +27,21 @@ if __name__ == "__main__":
     results = []
     for case in cases:
         layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
-                              transformer_impl=case.get("impl", "local"))
+                              transformer_impl=case.get("impl", "local"), ep=case.get("ep", 1),
+                              etp=case.get("etp"))
         run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True))
         me = dist.get_rank()
         ltp, lpp, lvpp = case.get("load_tp", case["tp"]), case.get("load_pp", case["pp"]), case.get("load_vpp", case.get("vpp"))
-        mcore_cpu.init_parallel(ltp, lpp, lvpp)
+        lep, letp = case.get("load_ep", case.get("ep", 1)), case.get("load_etp", case.get("etp"))
+        mcore_cpu.init_parallel(ltp, lpp, lvpp, ep=lep, etp=letp)
         from megatron.core import parallel_state as ps
 
         folder = os.path.join(case["save"], "iter_0000001")
         if case["format"] == "torch":
             tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-            name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if lpp > 1 else "")
+            ep_rank = ps.get_expert_model_parallel_rank()
+            name = (f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if lpp > 1 else "")
+                    + (f"_{ep_rank:03d}" if lep > 1 else ""))
             state = torch.load(os.path.join(folder, name, "model_optim_rng.pt"), weights_only=False)
             args = state["args"]
             models = mcore_cpu.build_gpt_models(args)
@@ -46,6 +51,7 @@ if __name__ == "__main__":
             args = torch.load(os.path.join(folder, "common.pt"), weights_only=False)["args"]
             args.tensor_model_parallel_size, args.pipeline_model_parallel_size = ltp, lpp
             args.virtual_pipeline_model_parallel_size = lvpp
+            args.expert_model_parallel_size, args.expert_tensor_parallel_size = lep, letp or ltp
             args.padded_vocab_size = padded_vocab_size(args.true_vocab_size, args.make_vocab_size_divisible_by, ltp)
             models = mcore_cpu.build_gpt_models(args)
             mcore_cpu.load_torch_dist(models, folder)

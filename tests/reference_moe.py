@@ -1,0 +1,112 @@
+"""Reference transforms for MoE models, written from FORMATS.md and Megatron-Core's own state dicts,
+independently of the planner: whole HF tensors in, Megatron rank files / torch_dist tensors out."""
+
+from __future__ import annotations
+
+import torch
+
+from reference import LOCAL_NAMES, _vocab, attention, padded_vocab, tp_shard
+
+# HF names of (router, expert prefix, gate, up, down) per family.
+EXPERTS = {
+    "MixtralForCausalLM": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts", "w1", "w3", "w2"),
+    "Qwen2MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+}
+
+
+def num_experts(config) -> int:
+    return getattr(config, "num_local_experts", None) or config.num_experts
+
+
+def is_moe(config, i: int) -> bool:
+    if config.architectures[0] == "MixtralForCausalLM":
+        return True
+    step = getattr(config, "decoder_sparse_step", 1) or 1
+    return i not in (getattr(config, "mlp_only_layers", None) or []) and (i + 1) % step == 0
+
+
+def layer(hf, config, i: int) -> dict[str, object]:
+    """TE-named tensors of layer i; routed experts as {"experts.linear_fc1.weight": [per expert]}."""
+    p = f"model.layers.{i}."
+    out = attention(hf, p, config.num_key_value_heads)
+    if not is_moe(config, i):
+        out["mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
+        out["mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        out["mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
+        return out
+    router, prefix, gate, up, down = EXPERTS[config.architectures[0]]
+    out["pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+    out["mlp.router.weight"] = hf[p + router]
+    E = num_experts(config)
+    out["experts.linear_fc1.weight"] = [torch.cat([hf[f"{p}{prefix}.{e}.{gate}.weight"],
+                                                   hf[f"{p}{prefix}.{e}.{up}.weight"]]) for e in range(E)]
+    out["experts.linear_fc2.weight"] = [hf[f"{p}{prefix}.{e}.{down}.weight"] for e in range(E)]
+    if p + "mlp.shared_expert.gate_proj.weight" in hf:
+        s = p + "mlp.shared_expert."
+        out["mlp.shared_experts.linear_fc1.weight"] = torch.cat([hf[s + "gate_proj.weight"], hf[s + "up_proj.weight"]])
+        out["mlp.shared_experts.linear_fc2.weight"] = hf[s + "down_proj.weight"]
+        out["mlp.shared_experts.gate_weight"] = hf[p + "mlp.shared_expert_gate.weight"]
+    return out
+
+
+def legacy_files(hf, config, tp: int, pp: int, ep: int, etp: int | None, impl: str, grouped: bool):
+    """{(tp_rank, pp_rank, ep_rank): {"model": {key: tensor}}}: the dense TP shard in every EP file, and
+    EP rank k's experts k*E/ep.. renumbered from 0, split by expert TP rank tp_rank % etp."""
+    etp = etp or tp
+    L, E = config.num_hidden_layers, num_experts(config)
+    per, per_ep = L // pp, E // ep
+    vocab = padded_vocab(config.vocab_size, 128, tp)
+    files = {}
+    for r in range(tp):
+        for p in range(pp):
+            for k in range(ep):
+                sd = {}
+                for j in range(per):
+                    for name, value in layer(hf, config, p * per + j).items():
+                        if name.startswith("experts."):
+                            module = name[len("experts."):].rsplit(".", 1)[0]  # linear_fc1 / linear_fc2
+                            for le in range(per_ep):
+                                key = (f"mlp.experts.{module}.weight{le}" if grouped
+                                       else f"mlp.experts.local_experts.{le}.{module}.weight")
+                                sd[f"decoder.layers.{j}.{key}"] = tp_shard(name, value[k * per_ep + le], etp, r % etp)
+                        else:
+                            local = LOCAL_NAMES.get(name, name) if impl == "local" else name
+                            sd[f"decoder.layers.{j}.{local}"] = tp_shard(name, value, tp, r)
+                if p == 0:
+                    sd["embedding.word_embeddings.weight"] = _vocab(hf["model.embed_tokens.weight"], vocab).chunk(tp)[r]
+                if p == pp - 1:
+                    sd["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+                    sd["output_layer.weight"] = _vocab(hf["lm_head.weight"], vocab).chunk(tp)[r]
+                files[(r, p, k)] = {"model": sd}
+    return files
+
+
+def torch_dist_tensors(hf, config, tp: int, impl: str = "transformer_engine") -> dict[str, torch.Tensor]:
+    """Global tensors as torch_dist stores them: layers on a leading axis when all layers are alike,
+    `decoder.layers.{g}.` keys when dense and MoE layers mix; experts on an axis of their own."""
+    L = config.num_hidden_layers
+    vocab = padded_vocab(config.vocab_size, 128, tp)
+    out = {"embedding.word_embeddings.weight": _vocab(hf["model.embed_tokens.weight"], vocab),
+           "decoder.final_layernorm.weight": hf["model.norm.weight"],
+           "output_layer.weight": _vocab(hf["lm_head.weight"], vocab)}
+    layers = [layer(hf, config, i) for i in range(L)]
+
+    def key_of(name):
+        if name.startswith("experts."):
+            return "mlp.experts.experts." + name[len("experts."):]
+        if name == "pre_mlp_layernorm.weight" and impl == "local":
+            return "mlp.linear_fc1.layer_norm_weight"
+        return name
+
+    def value_of(v):
+        return torch.stack(v) if isinstance(v, list) else v
+
+    stacked = len({is_moe(config, i) for i in range(L)}) == 1
+    for i, entry in enumerate(layers):
+        for name, v in entry.items():
+            if stacked:
+                out.setdefault(f"decoder.layers.{key_of(name)}", []).append(value_of(v))
+            else:
+                out[f"decoder.layers.{i}.{key_of(name)}"] = value_of(v)
+    return {k: torch.stack(v) if isinstance(v, list) else v for k, v in out.items()}

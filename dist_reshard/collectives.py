@@ -85,8 +85,26 @@ def gather_objects(obj) -> list:
     return out
 
 
+def exchange_flat(send_buf: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+                  device: torch.device) -> torch.Tensor:
+    """All-to-all of one flat uint8 CPU buffer, packed in place by the caller: send_splits[d] bytes go to
+    rank d, in rank order. Returns the flat CPU receive buffer: recv_splits[s] bytes from each rank s, in
+    rank order. Nothing is concatenated or copied on the CPU side; on CUDA the send buffer should be
+    pinned (the copy to the device is then asynchronous)."""
+    if device.type == "cuda":
+        send_buf = send_buf.to(device, non_blocking=send_buf.is_pinned())
+    recv_buf = torch.empty(sum(recv_splits), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(recv_buf, send_buf, [int(x) for x in recv_splits], [int(x) for x in send_splits])
+    if device.type == "cuda":
+        recv_buf = recv_buf.cpu()
+    return recv_buf
+
+
 def exchange(sends: dict[int, torch.Tensor], recv_bytes: dict[int, int], device: torch.device) -> dict[int, torch.Tensor]:
-    """All-to-all of flat uint8 buffers: sends[d] goes to rank d; returns what each source rank sent here."""
+    """All-to-all of flat uint8 buffers: sends[d] goes to rank d; returns what each source rank sent here.
+
+    A convenience over `exchange_flat` (which the conversion uses, packing straight into one buffer):
+    this one concatenates the per-rank buffers. Ranks absent from `sends`/`recv_bytes` exchange nothing."""
     n = world()
     me = rank()
     in_splits = [int(sends[d].numel()) if d in sends else 0 for d in range(n)]
@@ -95,12 +113,7 @@ def exchange(sends: dict[int, torch.Tensor], recv_bytes: dict[int, int], device:
         return {me: sends[me]} if me in sends else {}
     parts = [sends[d].contiguous() for d in range(n) if d in sends and sends[d].numel()]
     send_buf = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    if device.type == "cuda":
-        send_buf = send_buf.pin_memory().to(device, non_blocking=True)
-    recv_buf = torch.empty(sum(out_splits), dtype=torch.uint8, device=device)
-    dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits)
-    if device.type == "cuda":
-        recv_buf = recv_buf.cpu()
+    recv_buf = exchange_flat(send_buf, in_splits, out_splits, device)
     out, pos = {}, 0
     for s, size in enumerate(out_splits):
         if size:

@@ -31,8 +31,8 @@ class RangeReader:
 
     def read(self, item: ReadItem) -> torch.Tensor:
         """The item's bytes as a flat uint8 tensor."""
-        buf = bytearray(item.nbytes)
-        view = memoryview(buf)
+        buf = torch.empty(item.nbytes, dtype=torch.uint8)  # uninitialised: preadv fills every byte or we raise
+        view = memoryview(buf.numpy())
         fd = self._fd(item.file)
         done = 0
         while done < item.nbytes:
@@ -45,9 +45,7 @@ class RangeReader:
                                       f"reading tensor {item.source!r} (truncated file?)")
             done += n
         self.bytes_read += done
-        if not buf:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(buf, dtype=torch.uint8)
+        return buf
 
     def close(self) -> None:
         for fd in self._fds.values():

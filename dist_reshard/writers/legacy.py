@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from argparse import Namespace
@@ -14,8 +15,35 @@ from .extra_state import linear_modules
 CHECKPOINT_VERSION = 3.0  # below 3.0 Megatron reorders QKV on load
 
 
-def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: Namespace) -> int:
-    """Write one rank file; returns its size. The file is fsynced before the size is reported."""
+class _HashingWriter:
+    """The file object torch.save streams into: every byte written also goes into a SHA-256, so the
+    finished file need not be read back to be hashed. torch.save needs only write() and flush()."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.exact = True  # False if a write came back short: the digest is then not trusted
+
+    def write(self, b) -> int:
+        n = self._f.write(b)
+        mv = memoryview(b).cast("B")
+        if n is not None and n != mv.nbytes:
+            self.exact = False
+        self.sha256.update(mv)
+        self.size += mv.nbytes
+        return n
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: Namespace,
+               digest: dict | None = None) -> int:
+    """Write one rank file; returns its size. The file is fsynced before the size is reported.
+
+    With `digest` (a dict), it is filled with the file's {"size", "sha256"}, hashed as the bytes were
+    written (left empty if the streamed bytes cannot be trusted to be the file's: the caller hashes it)."""
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": args.iteration}
     for name, tensors in containers.items():
         model = dict(sorted(tensors.items()))
@@ -24,8 +52,9 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
         state[name] = model
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
+        out = _HashingWriter(f)
         try:
-            torch.save(state, f)
+            torch.save(state, out)
         except RuntimeError as e:
             # torch.save reports a failed write as a RuntimeError from its zip writer; give it back its cause.
             if shutil.disk_usage(os.path.dirname(path)).free < (1 << 20):
@@ -33,7 +62,10 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
             raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0]}", path) from e
         f.flush()
         os.fsync(f.fileno())
-    return os.path.getsize(path)
+    size = os.path.getsize(path)
+    if digest is not None and out.exact and out.size == size:
+        digest.update(size=size, sha256=out.sha256.hexdigest())
+    return size
 
 
 def write_tracker(folder: str, iteration: int = 1) -> None:

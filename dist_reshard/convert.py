@@ -8,9 +8,12 @@ ranks have written: ranks write into a staging folder beside `--save` that rank 
 from __future__ import annotations
 
 import os
+import queue
 import resource
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +27,7 @@ from .megatron_args import megatron_args
 from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import DTYPE_SIZES, index_folder
-from .writers import legacy, torch_dist
+from .writers import hf, legacy, torch_dist
 from .dtypes import TORCH_DTYPES
 
 ITERATION_DIR = "iter_0000001"
@@ -44,6 +47,8 @@ class Options:
     timeout_s: float = 1800.0
     command: list | None = None
     progress: str = "auto"  # "auto" (a bar when rank 0's stderr is a terminal), "on", "off"
+    src: str = "hf"  # "hf" (safetensors folder) or "mcore" (a Megatron-Core checkpoint)
+    hf_config: str | None = None  # --dst hf: reference HF folder for config and tokenizer files
 
 
 @dataclass
@@ -77,16 +82,28 @@ def _check_destination(opts: Options) -> None:
         raise ConversionError(f"--save {opts.save}: is the --load folder")
 
 
-def _plan(opts: Options) -> tuple[Plan, object, object, dict]:
-    cfg = read_config(opts.load)
-    family = family_for(cfg.architecture, os.path.join(opts.load, "config.json"))
-    index = index_folder(opts.load)
-    plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes)
-    return plan, cfg, family, index
+def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, object, object, dict, object]:
+    """(plan, config, family, HF-named index, Megatron source or None). With a Megatron source the index
+    holds its logical HF tensors and the plan reads the shards or chunks that store them."""
+    source = None
+    if opts.layout.ckpt_format == "hf" and opts.src != "mcore":
+        raise ConversionError(f"--src {opts.src} --dst hf: the source is already HF safetensors")
+    if opts.src == "mcore":
+        from .megatron_source import open_source
+
+        source = open_source(opts.load)
+        cfg, family, index = source.config, source.family, source.logical
+    else:
+        cfg = read_config(opts.load)
+        family = family_for(cfg.architecture, os.path.join(opts.load, "config.json"))
+        index = index_folder(opts.load)
+    plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
+                     skip_paths=skip_paths, source=source)
+    return plan, cfg, family, index, source
 
 
-def _job_identity(opts: Options, index: dict) -> dict:
-    files = sorted({t.file for t in index.values()})
+def _job_identity(opts: Options, index: dict, source=None) -> dict:
+    files = source.files if source is not None else sorted({t.file for t in index.values()})
     return {"tool": "dist_reshard", "version": __version__, "source": manifest.source_fingerprint(files),
             "layout": dict(opts.layout.__dict__), "world_size": collectives.world()}
 
@@ -104,19 +121,52 @@ def _allocate(targets: list[Target]) -> dict[int, torch.Tensor]:
     return out
 
 
-def _pack(data: dict[int, torch.Tensor], transfers, items, source_dtype: dict[str, str]) -> torch.Tensor:
-    """Concatenate the transfers' bytes in wire order; column slices are made contiguous first (a view
-    along dim 1 handed to gloo would send the underlying memory, not the slice)."""
-    parts = []
+def _block(data: dict[int, torch.Tensor], t, items, source_dtype: dict[str, str]) -> torch.Tensor:
+    """A transfer's bytes in its read buffer: a (rows, row bytes) uint8 view, strided for column slices."""
+    item = items[t.item]
+    nrows = item.rows[1] - item.rows[0]
+    buf = data[t.item]
+    block = buf.view(nrows, buf.numel() // nrows)[t.rows[0] - item.rows[0]:t.rows[1] - item.rows[0]]
+    if t.cols is not None:
+        itemsize = DTYPE_SIZES[source_dtype[item.source]]
+        block = block[:, t.cols[0] * itemsize:t.cols[1] * itemsize]
+    return block
+
+
+def _copy_local(data: dict[int, torch.Tensor], transfers, tensors: dict[int, torch.Tensor],
+                targets: dict[int, Target], source_dtype: dict[str, str], items) -> None:
+    """Transfers to this rank itself: straight from the read buffer into the target, neither packed nor
+    exchanged. Same cast semantics as `_unpack`: values in the source dtype, cast by copy_ per slice."""
     for t in transfers:
-        item = items[t.item]
-        nrows = item.rows[1] - item.rows[0]
-        block = data[t.item].view(nrows, item.nbytes // nrows)[t.rows[0] - item.rows[0]:t.rows[1] - item.rows[0]]
-        if t.cols is not None:
-            itemsize = DTYPE_SIZES[source_dtype[item.source]]
-            block = block[:, t.cols[0] * itemsize:t.cols[1] * itemsize]
-        parts.append(block.contiguous().view(-1))
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
+        _place(_block(data, t, items, source_dtype).view(TORCH_DTYPES[source_dtype[items[t.item].source]]), t,
+               tensors, targets)
+
+
+def _place(values: torch.Tensor, t, tensors: dict[int, torch.Tensor], targets: dict[int, Target]) -> None:
+    """One transfer's values ((rows, cols) in the source dtype) into its slice of its target; the cast to
+    --dtype happens here, per slice. Shared by received (`_unpack`) and local (`_copy_local`) transfers."""
+    rows = t.rows[1] - t.rows[0]
+    dst = tensors[t.target].view(targets[t.target].rows, -1)
+    # dst_col: a row-parallel shard placed into a whole tensor (Megatron -> HF) starts mid-row.
+    dst[t.dst_row:t.dst_row + rows, t.dst_col:t.dst_col + values.shape[-1]].copy_(values)
+
+
+def _pack(data: dict[int, torch.Tensor], sends: dict[int, list], items, source_dtype: dict[str, str], world: int,
+          me: int, pin: bool = False) -> tuple[torch.Tensor, list[int]]:
+    """One flat send buffer for `collectives.exchange_flat`: every other rank's transfers in rank order,
+    each in wire order, copied once from the read buffers. The copy also makes column slices contiguous
+    (a view along dim 1 handed to gloo would send the underlying memory, not the slice)."""
+    splits = [0 if d == me else sum(t.nbytes for t in sends.get(d, ())) for d in range(world)]
+    buf = torch.empty(sum(splits), dtype=torch.uint8, pin_memory=pin)
+    pos = 0
+    for d in range(world):
+        if d == me:
+            continue
+        for t in sends.get(d, ()):
+            block = _block(data, t, items, source_dtype)
+            buf[pos:pos + t.nbytes].view(block.shape).copy_(block)
+            pos += t.nbytes
+    return buf, splits
 
 
 def _unpack(buf: torch.Tensor, transfers, tensors: dict[int, torch.Tensor], targets: dict[int, Target],
@@ -127,10 +177,93 @@ def _unpack(buf: torch.Tensor, transfers, tensors: dict[int, torch.Tensor], targ
         pos += t.nbytes
         item = items[t.item]
         rows = t.rows[1] - t.rows[0]
-        values = raw.view(TORCH_DTYPES[source_dtype[item.source]]).view(rows, -1)
-        target = targets[t.target]
-        dst = tensors[t.target].view(target.rows, -1)
-        dst[t.dst_row:t.dst_row + rows].copy_(values)  # the cast to --dtype happens here, per slice
+        dtype = TORCH_DTYPES[source_dtype[item.source]]
+        if raw.storage_offset() % dtype.itemsize:
+            raw = raw.clone()  # a view as a wider dtype needs an aligned offset (mixed dtypes in one buffer)
+        _place(raw.view(dtype).view(rows, -1), t, tensors, targets)
+
+
+def _units_due(view: RankPlan) -> dict[int, list]:
+    """Per bucket, this rank's write units whose last transfer (received or its own) lands in it: they are
+    complete once that bucket is unpacked. Units no transfer fills (all padding) are due at -1."""
+    unit_of = {t.index: t.unit for t in view.targets}
+    last = {u.index: -1 for u in view.units}
+    for b, recvs in enumerate(view.recvs):  # recvs[b][rank] holds the rank's transfers to itself
+        for ts in recvs.values():
+            for t in ts:
+                last[unit_of[t.target]] = b
+    due: dict[int, list] = {}
+    for u in view.units:
+        due.setdefault(last[u.index], []).append(u)
+    return due
+
+
+def _take_containers(view: RankPlan, unit, tensors: dict[int, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A unit's tensors by legacy container, removed from `tensors` (freed once the file is written)."""
+    containers: dict[str, dict[str, torch.Tensor]] = {}
+    for t in view.targets:
+        if t.unit == unit.index:
+            containers.setdefault(t.container, {})[t.key] = tensors.pop(t.index)
+    return containers
+
+
+def _writer_threads(units: int) -> int:
+    """Background writer threads for a rank: its share of the host's CPUs (torch.save's CRC, the SHA-256
+    and the kernel copies run without the GIL, so files written side by side do go faster), at most 4,
+    at least 1, never more than its files."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or collectives.world())
+    return max(1, min(units, cpus // max(1, local), 4))
+
+
+class _BackgroundWriter:
+    """Writes legacy files on background threads, taken in the order they are submitted, while the main
+    thread goes on reading and exchanging; each file's tensors are dropped once it is written. The first
+    failure is kept in `error` (later files are skipped) for the main thread to agree on; `busy_s` is
+    the time spent writing, summed over the writer threads."""
+
+    def __init__(self, write_one, threads: int = 1) -> None:
+        self._write_one = write_one
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancel = False
+        self._lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.busy_s = 0.0
+        self._threads = [threading.Thread(target=self._run, name=f"dist_reshard-writer{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, *job) -> None:
+        self._jobs.put(job)
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self.error is None and not self._cancel:
+                start = time.perf_counter()
+                try:
+                    self._write_one(*job)
+                except BaseException as e:  # noqa: BLE001 - handed to the main thread, which agrees on it
+                    with self._lock:
+                        self.error = self.error or e
+                with self._lock:
+                    self.busy_s += time.perf_counter() - start
+            del job  # the unit's tensors go with it
+
+    def join(self, cancel: bool = False, timeout: float | None = None) -> None:
+        """Wait for every submitted file (or, with cancel, only those being written)."""
+        self._cancel = self._cancel or cancel
+        for _ in self._threads:
+            self._jobs.put(None)
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
 
 
 def _progress_bar(opts: Options, plan: Plan):
@@ -197,12 +330,12 @@ def run(opts: Options) -> dict:
         clock = now
 
     err: BaseException | None = None
-    plan = view = cfg = family = index = identity = None
+    plan = view = cfg = family = index = identity = source = None
     try:
         _check_destination(opts)
-        plan, cfg, family, index = _plan(opts)
+        plan, cfg, family, index, source = _plan(opts)
         view = plan.rank_view(me)
-        identity = _job_identity(opts, index)
+        identity = _job_identity(opts, index, source)
     except ConversionError as e:
         err = e
     collectives.agree(err, device)
@@ -218,7 +351,8 @@ def run(opts: Options) -> dict:
         if me == 0:
             if os.path.exists(staging) and not opts.resume:
                 shutil.rmtree(staging)  # left by a killed run; never the user's --save
-            os.makedirs(os.path.join(staging, ITERATION_DIR), exist_ok=True)
+            os.makedirs(staging if opts.layout.ckpt_format == "hf" else os.path.join(staging, ITERATION_DIR),
+                        exist_ok=True)
             done = manifest.completed(staging, key) if opts.resume else {}
     except OSError as e:
         err = ConversionError(f"--save {opts.save}: cannot create staging folder {staging} ({e.strerror})")
@@ -226,14 +360,15 @@ def run(opts: Options) -> dict:
     done = collectives.broadcast_object(done)
     if done:
         # Resume: only the files not already complete are planned, read and written again.
-        if opts.layout.ckpt_format == "torch":
+        if opts.layout.ckpt_format in ("torch", "hf"):
             plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
-                             skip_paths=frozenset(done))
+                             skip_paths=frozenset(done), source=source)
             view = plan.rank_view(me)
         elif not all(f in done for f in _dcp_files(collectives.world())):
             done = {}  # DCP writes its files in one collective: redo them together
     try:
-        _convert(opts, plan, view, cfg, family, index, staging, report, phase, device, key, done, identity)
+        _convert(opts, plan, view, cfg, family, source.stored if source else index, staging, report, phase, device,
+                 key, done, identity, source=source)
     except ConversionError:
         if me == 0:
             shutil.rmtree(staging, ignore_errors=True)  # bad input or a full disk: nothing to resume
@@ -245,36 +380,147 @@ def run(opts: Options) -> dict:
     return _finish(report, plan, opts, dry_run=False)
 
 
+_ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+def _decode(item, raw: torch.Tensor, index: dict) -> torch.Tensor:
+    """A torch_dist chunk's torch.save blob -> its data bytes (row-major), checked against the metadata."""
+    import io
+
+    src = index[item.source]
+    try:
+        t = torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a corrupt chunk is reported by file and tensor
+        raise ConversionError(f"{item.file}: chunk {item.source} is not a readable torch.save blob "
+                              f"({e.__class__.__name__})") from None
+    data = t.contiguous().view(-1).view(torch.uint8)
+    if data.numel() != src.data_bytes or _ST_DTYPES.get(t.dtype) != src.dtype:
+        raise ConversionError(f"{item.file}: chunk {item.source} holds {t.dtype} {list(t.shape)}, the metadata "
+                              f"says {src.dtype} {list(src.shape)}")
+    return data
+
+
+def _output_args(opts: Options, plan: Plan, cfg, family, source):
+    """Megatron args of the output; from a Megatron source, its own args carried over with the new layout."""
+    qkv_bias = any(t.key.endswith("linear_qkv.bias") for t in plan.targets)
+    qk_norm = any("q_layernorm" in t.key for t in plan.targets)
+    source_dtype = cfg.dtype
+    if source is not None:
+        source_dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(
+            next(iter(source.logical.values())).dtype)
+    args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, source_dtype, qk_norm, qkv_bias)
+    if source is not None:
+        for k, v in vars(source.args).items():  # training flags and the stored HF config travel along
+            if getattr(args, k, None) is None:
+                setattr(args, k, v)
+    return args
+
+
+def _write_hf_metadata(opts: Options, plan: Plan, cfg, family, source, staging: str) -> list[str]:
+    """Rank 0, HF output: the shard index (when there are several files) and config/tokenizer files."""
+    from .hf_export import hf_config
+
+    from .rank_plan import _build_hf_targets
+
+    # The whole file set, also when a resumed plan covers only the files still missing.
+    pairs, paths = _build_hf_targets(source.logical, cfg, opts.layout)
+    names = []
+    if paths != ["model.safetensors"]:
+        hf.write_index(staging, {t.key: paths[k[0]] for k, t in pairs}, sum(t.nbytes for _, t in pairs))
+        names.append("model.safetensors.index.json")
+    dtype = opts.layout.dtype or {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(pairs[0][1].dtype)
+    names += hf.write_config(staging, hf_config(source.args, cfg, family.name, dtype, opts.hf_config), opts.hf_config)
+    return names
+
+
 def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, report, phase, device, key, done,
-             identity) -> None:
+             identity, source=None) -> None:
     me = view.rank
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
     tensors = _allocate(view.targets)
     reader = RangeReader()
     bar = _progress_bar(opts, plan) if me == 0 else None
+    hf_out = opts.layout.ckpt_format == "hf"
+    args = None if hf_out else _output_args(opts, plan, cfg, family, source)
+
+    # Legacy files are written on background threads as soon as the last bucket that fills them has
+    # landed, while later buckets are read and exchanged; their tensors are freed once written.
+    written: list[dict] = []
+    writer, due = None, {}
+    if opts.layout.ckpt_format in ("torch", "hf") and view.units:
+        def write_unit(unit, containers) -> None:
+            digest: dict = {}  # hashed while the file streams out: not read back
+            path = os.path.join(staging, unit.path)
+            if hf_out:
+                digest.update(hf.write_file(path, [(k, _ST_DTYPES[v.dtype], v) for k, v in containers[None].items()]))
+            else:
+                legacy.write_file(path, containers, args, digest=digest)
+            written.append(manifest.record_done(staging, unit.path, key, digest=digest))
+            faults.maybe_fail(me, "write")
+
+        due = _units_due(view)
+        writer = _BackgroundWriter(write_unit, _writer_threads(len(view.units)))
+        for unit in due.pop(-1, ()):
+            writer.submit(unit, _take_containers(view, unit, tensors))
+
+    # Double buffering: bucket b+1 is read on a reader thread while bucket b is exchanged.
+    pool = ThreadPoolExecutor(1, thread_name_prefix="dist_reshard-reader")
+
+    def read_bucket(b: int):
+        """Bucket b's reads: (buffers, error, bytes read so far, seconds taken)."""
+        start, data, err = time.perf_counter(), {}, None
+        try:
+            faults.maybe_fail(me, "read")
+            for item in view.reads[b]:
+                data[item.index] = reader.read(item)
+                if item.encoding is not None:
+                    data[item.index] = _decode(item, data[item.index], index)
+        except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
+            err = e
+        return data, err, reader.bytes_read, time.perf_counter() - start
+
     phase("allocate")
     try:
-        for b, reads in enumerate(view.reads):
-            err, data = None, {}
-            try:
-                faults.maybe_fail(me, "read")
-                for item in reads:
-                    data[item.index] = reader.read(item)
-            except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
-                err = e
-            phase("read")
-            total_done = collectives.agree(err, device, progress=reader.bytes_read)
+        ahead = pool.submit(read_bucket, 0) if view.reads else None
+        for b in range(len(view.reads)):
+            data, err, bytes_done, read_s = ahead.result()
+            ahead = pool.submit(read_bucket, b + 1) if err is None and b + 1 < len(view.reads) else None
+            # "read": the reads' own time (on the reader thread); "read_wait": this thread's stall on them.
+            report.phases["read"] = report.phases.get("read", 0.0) + read_s
+            phase("read_wait")
+            if err is None and writer is not None and writer.error is not None:
+                err = _write_error(opts, writer.error)  # a failed background write ends every rank now
+            total_done = collectives.agree(err, device, progress=bytes_done)
             if bar is not None:
                 bar.update(total_done - bar.n)
-            sends = {d: _pack(data, ts, plan.items, source_dtype) for d, ts in view.sends[b].items()}
-            recv_bytes = {s: sum(t.nbytes for t in ts) for s, ts in view.recvs[b].items()}
+            # A rank's transfers to itself skip the wire: copied from the read buffer into their targets.
+            _copy_local(data, view.sends[b].get(me, ()), tensors, targets, source_dtype, plan.items)
             faults.maybe_fail(me, "exchange")
-            got = collectives.exchange(sends, recv_bytes, device)
-            for s, ts in view.recvs[b].items():
-                _unpack(got[s], ts, tensors, targets, source_dtype, plan.items)
+            if plan.world > 1:
+                send_buf, send_splits = _pack(data, view.sends[b], plan.items, source_dtype, plan.world, me,
+                                              pin=device.type == "cuda")
+                data = None  # the read buffers are no longer needed: only send + receive are in flight
+                recv_splits = [0 if s == me else sum(t.nbytes for t in view.recvs[b].get(s, ()))
+                               for s in range(plan.world)]
+                got = collectives.exchange_flat(send_buf, send_splits, recv_splits, device)
+                del send_buf
+                pos = 0
+                for s, size in enumerate(recv_splits):
+                    if size:
+                        _unpack(got[pos:pos + size], view.recvs[b][s], tensors, targets, source_dtype, plan.items)
+                    pos += size
+                del got
+            data = None
+            for unit in due.pop(b, ()):
+                writer.submit(unit, _take_containers(view, unit, tensors))
             phase("exchange")
+    except BaseException:
+        if writer is not None:
+            writer.join(cancel=True, timeout=opts.timeout_s)  # never leave a write racing the cleanup
+        raise
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         reader.close()
         if bar is not None:
             bar.close()
@@ -282,24 +528,23 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     report.bytes_sent = view.bytes_sent
     report.bytes_received = view.bytes_received
 
-    qkv_bias = any(t.key.endswith("linear_qkv.bias") for t in plan.targets)
-    qk_norm = any("q_layernorm" in t.key for t in plan.targets)
-    args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, cfg.dtype, qk_norm, qkv_bias)
     folder = os.path.join(staging, ITERATION_DIR)
     err, records = None, []
     try:
-        if opts.layout.ckpt_format == "torch":
-            for unit in view.units:
-                containers: dict[str, dict[str, torch.Tensor]] = {}
-                for t in view.targets:
-                    if t.unit == unit.index:
-                        containers.setdefault(t.container, {})[t.key] = tensors.pop(t.index)
-                report.bytes_written += legacy.write_file(os.path.join(staging, unit.path), containers, args)
-                records.append(manifest.record_done(staging, unit.path, key))
-                faults.maybe_fail(me, "write")
+        if writer is not None:
+            # Every file went to the background writer when its last bucket landed: wait for the rest.
+            # "write" is the writer thread's own time; "write_wait" this thread's stall on it.
+            writer.join()
+            phase("write_wait")
+            report.phases["write"] = report.phases.get("write", 0.0) + writer.busy_s
+            if writer.error is not None:
+                err = _write_error(opts, writer.error)
+            else:
+                records += written
+                report.bytes_written += sum(r["size"] for r in written)
     except Exception as e:  # noqa: BLE001 - every write failure is agreed on and reported by its cause
         err = _write_error(opts, e)
-    if opts.layout.ckpt_format != "torch" and not done:
+    if opts.layout.ckpt_format == "torch_dist" and not done:
         try:
             torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key)
             mine = [f for f in _dcp_files(plan.world) if os.path.basename(f).startswith(f"__{me}_")
@@ -320,9 +565,10 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         try:
             files = {r["path"]: r for rank_records in everything for r in rank_records}
             files.update({p: r for p, r in done.items() if p not in files})
-            legacy.write_tracker(staging, args.iteration)
-            tracker = "latest_checkpointed_iteration.txt"
-            files[tracker] = dict(manifest.file_digest(os.path.join(staging, tracker)), path=tracker)
+            extra = _write_hf_metadata(opts, plan, cfg, family, source, staging) if hf_out else [
+                legacy.write_tracker(staging, args.iteration) or "latest_checkpointed_iteration.txt"]
+            for name in extra:
+                files[name] = dict(manifest.file_digest(os.path.join(staging, name)), path=name)
             manifest.write_manifest(staging, {
                 "tool": "dist_reshard", "version": __version__, "command": opts.command,
                 "source": identity["source"], "source_folder": os.path.abspath(opts.load),

@@ -20,9 +20,16 @@ from .layout import CKPT_FORMATS, DTYPES, TRANSFORMER_IMPLS, TargetLayout
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist_reshard.launch", description=__doc__.splitlines()[0])
-    p.add_argument("--src", choices=["hf"], required=True, help="source format")
-    p.add_argument("--dst", choices=["mcore"], required=True, help="destination format")
-    p.add_argument("--load", required=True, help="source folder (HF: config.json + *.safetensors)")
+    p.add_argument("--src", choices=["hf", "mcore"], required=True,
+                   help="source format: HF safetensors, or a Megatron-Core checkpoint (torch or torch_dist, "
+                        "any layout; detected from its files)")
+    p.add_argument("--dst", choices=["mcore", "hf"], required=True, help="destination format")
+    p.add_argument("--load", required=True,
+                   help="source folder (HF: config.json + *.safetensors; mcore: the folder holding "
+                        "latest_checkpointed_iteration.txt or an iter_* folder)")
+    p.add_argument("--max-shard-size", default="5GB", help="--dst hf: largest safetensors file (as transformers)")
+    p.add_argument("--hf-config", default=None,
+                   help="--dst hf: take config.json, generation config and tokenizer files from this HF folder")
     p.add_argument("--save", required=True, help="destination folder")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -55,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _summary(job: dict) -> str:
     mib = 1024 * 1024
+    lay = job["layout"]
+    into = "HF safetensors" if lay["ckpt_format"] == "hf" else f"TP{lay['tp']} PP{lay['pp']}"
     lines = [f"dist_reshard: {'planned' if job['dry_run'] else 'converted'} {job['source_bytes'] / mib:.1f} MiB "
-             f"on {job['world_size']} ranks into TP{job['layout']['tp']} PP{job['layout']['pp']}"
-             + (f" VPP{job['layout']['vpp']}" if job['layout']['vpp'] else "")
+             f"on {job['world_size']} ranks into {into}"
+             + (f" VPP{job['layout']['vpp']}" if job['layout'].get('vpp') else "")
              + (f" EP{job['layout']['ep']}" if job['layout'].get('ep', 1) > 1 else "")
              + (f" ETP{job['layout']['etp']}" if job['layout'].get('etp') else "")
-             + f" {job['layout']['ckpt_format']}"]
+             + (f" {lay['ckpt_format']}" if lay["ckpt_format"] != "hf" else "")]
     for r in job["ranks"]:
         read = r["planned"]["bytes_read"] if job["dry_run"] else r["bytes_read"]
         lines.append(f"  rank {r['rank']}: read {read / mib:.2f} MiB, wrote {r['bytes_written'] / mib:.2f} MiB, "
@@ -80,7 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                           transformer_impl=ns.transformer_impl,
                           make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype,
                           ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm)
-    opts = Options(load=ns.load, save=ns.save, layout=layout, overwrite=ns.overwrite, dry_run=ns.dry_run,
+    if ns.dst == "hf":
+        from .layout import HFLayout, parse_size
+
+        try:
+            layout = HFLayout(max_shard_bytes=parse_size(ns.max_shard_size), dtype=ns.dtype)
+        except ConversionError as e:
+            sys.stderr.write(f"dist_reshard: error: {e}\n")
+            return 2
+    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run,
                    device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
                    resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:

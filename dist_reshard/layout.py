@@ -114,3 +114,36 @@ class TargetLayout:
 
     def container(self, chunk: int) -> str:
         return f"model{chunk}" if self.vpp else "model"
+
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size="5GB"
+
+
+@dataclass(frozen=True)
+class HFLayout:
+    """An HF safetensors folder as the destination: shard files of at most `max_shard_bytes`."""
+
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    dtype: str | None = None
+    ckpt_format: str = "hf"
+
+    def validate(self, cfg: ModelConfig) -> None:
+        if self.max_shard_bytes < 1:
+            raise ConversionError(f"--max-shard-size {self.max_shard_bytes}: must be positive")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConversionError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+
+    def padded_vocab(self, vocab: int) -> int:
+        return vocab
+
+
+def parse_size(text: str) -> int:
+    """`5GB`, `500MB`, `2GiB`, `1000000`: bytes, as transformers' max_shard_size reads them."""
+    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+             "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+    t = str(text).strip().upper()
+    number = t.rstrip("KMGTIB")
+    try:
+        return int(float(number) * units[t[len(number):]])
+    except (KeyError, ValueError):
+        raise ConversionError(f"--max-shard-size {text}: not a size like 5GB, 500MB or 2GiB") from None

@@ -32,12 +32,20 @@ def file_digest(path: str) -> dict:
 
 
 def source_fingerprint(files: list[str]) -> list[dict]:
-    """Names, sizes and header hashes: enough to tell a different or re-downloaded source apart."""
+    """Names, sizes and header hashes: enough to tell a different or re-downloaded source apart.
+
+    Safetensors: the JSON header. Megatron rank files and DCP files: their first and last 64 KiB (the
+    pickle, zip directory or DCP metadata live there)."""
     out = []
     for path in sorted(set(files)):
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = f.read(n)
+            if path.endswith(".safetensors"):
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = f.read(n)
+            else:
+                header = f.read(1 << 16)
+                f.seek(max(0, os.path.getsize(path) - (1 << 16)))
+                header += f.read()
         out.append({"file": os.path.basename(path), "size": os.path.getsize(path),
                     "header_sha256": hashlib.sha256(header).hexdigest()})
     return out
@@ -47,9 +55,14 @@ def _record_path(staging: str, rel: str) -> str:
     return os.path.join(staging, JOURNAL_DIR, hashlib.sha256(rel.encode()).hexdigest()[:32] + ".json")
 
 
-def record_done(staging: str, rel: str, job_key: str) -> dict:
-    """Hash a finished file and journal it (write-then-rename, so a record is never half-written)."""
-    entry = dict(file_digest(os.path.join(staging, rel)), path=rel, job=job_key)
+def record_done(staging: str, rel: str, job_key: str, digest: dict | None = None) -> dict:
+    """Hash a finished file and journal it (write-then-rename, so a record is never half-written).
+
+    `digest` ({"size", "sha256"}, from a writer that hashed the bytes as it wrote them) spares reading
+    the file back; without it the file is hashed here."""
+    if not digest:
+        digest = file_digest(os.path.join(staging, rel))
+    entry = dict(size=digest["size"], sha256=digest["sha256"], path=rel, job=job_key)
     path = _record_path(staging, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"

@@ -93,15 +93,18 @@ class Family:
 
 @dataclass(frozen=True)
 class Piece:
-    """Rows [rows) x cols [cols) of HF tensor `source` placed at row `dst_row` of a block.
+    """Rows [rows) x cols [cols) of tensor `source` placed at row `dst_row`, column `dst_col` of a block.
 
-    `source` None is vocabulary padding: `rows` counts zero rows. `cols` None means every column.
+    `source` None is vocabulary padding: `rows` counts zero rows. `cols` None means every column. In the
+    family geometry the source is an HF tensor; once the planner has resolved it against a Megatron
+    source, it is the stored shard or chunk that holds those elements.
     """
 
     source: str | None
     rows: tuple[int, int]
     cols: tuple[int, int] | None
     dst_row: int
+    dst_col: int = 0
 
     @property
     def nrows(self) -> int:

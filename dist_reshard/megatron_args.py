@@ -77,6 +77,7 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         consumed_train_samples=0,
         consumed_valid_samples=0,
         hf_architecture=cfg.architecture,
+        hf_config=dict(cfg.raw) or None,  # the way back writes it as config.json
         hf_model_type=cfg.model_type,
         model_family=family,
     )

@@ -78,6 +78,7 @@ class ReadItem:
     offset: int  # absolute byte offset in `file`
     nbytes: int
     reader: int
+    encoding: str | None = None  # see SourceTensor.encoding: a blob to decode after reading
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,7 @@ class Transfer:
     nbytes: int
     src: int
     dst: int
+    dst_col: int = 0  # first column in the target (a row-parallel shard placed into a whole tensor)
 
 
 @dataclass(frozen=True)
@@ -381,6 +383,9 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
     for name in sorted(uses, key=lambda n: (index[n].file, index[n].offset)):
         src = index[name]
         pieces = uses[name]
+        if src.encoding is not None:  # a torch.save blob (torch_dist chunk): one read of the whole blob
+            runs.append((src, (0, src.rows), pieces))
+            continue
         cuts = sorted({b for p, _ in pieces for b in p.rows})
         for lo, hi in zip(cuts, cuts[1:]):
             covering = [(p, t) for p, t in pieces if p.rows[0] <= lo and hi <= p.rows[1]]
@@ -393,15 +398,18 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             for a in range(lo, hi, rows_cap):
                 runs.append((src, (a, min(hi, a + rows_cap)), covering))
 
-    total = sum((r[1][1] - r[1][0]) * r[0].row_bytes for r in runs)
-    biggest = max(((r[1][1] - r[1][0]) * r[0].row_bytes for r in runs), default=0)
+    def run_bytes(src: SourceTensor, rows: tuple[int, int]) -> int:
+        return src.nbytes if src.encoding is not None else (rows[1] - rows[0]) * src.row_bytes
+
+    total = sum(run_bytes(r[0], r[1]) for r in runs)
+    biggest = max((run_bytes(r[0], r[1]) for r in runs), default=0)
     cap = total / world + biggest
     writer_of_unit = {u.index: u.writer for u in units}
     load = [0] * world
     heap = [(0, r) for r in range(world)]
     items, transfers = [], []
     for src, rows, covering in runs:
-        nbytes = (rows[1] - rows[0]) * src.row_bytes
+        nbytes = run_bytes(src, rows)
         # Locality first: the rank that writes most of this run reads it, unless that breaks balance.
         by_writer: dict[int, int] = defaultdict(int)
         for p, t in covering:
@@ -417,12 +425,14 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             reader = r
         load[reader] += nbytes
         heapq.heappush(heap, (load[reader], reader))
-        item = ReadItem(len(items), src.name, src.file, rows, src.offset + rows[0] * src.row_bytes, nbytes, reader)
+        item = ReadItem(len(items), src.name, src.file, rows, src.offset + rows[0] * src.row_bytes, nbytes, reader,
+                        src.encoding)
         items.append(item)
         for p, t in covering:
-            transfers.append(Transfer(len(transfers), item.index, t.index, rows, p.cols,
-                                      p.dst_row + rows[0] - p.rows[0], _piece_bytes(src, p, rows), reader,
-                                      writer_of_unit[t.unit]))
+            lo, hi = max(rows[0], p.rows[0]), min(rows[1], p.rows[1])
+            transfers.append(Transfer(len(transfers), item.index, t.index, (lo, hi), p.cols,
+                                      p.dst_row + lo - p.rows[0], _piece_bytes(src, p, (lo, hi)), reader,
+                                      writer_of_unit[t.unit], p.dst_col))
     return items, transfers
 
 
@@ -472,12 +482,76 @@ def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, 
     return buckets
 
 
-def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, layout: TargetLayout,
+def _translate(pieces: tuple[Piece, ...], covers: dict, logical: dict[str, SourceTensor]) -> tuple[Piece, ...]:
+    """Resolve pieces of HF tensors into pieces of the stored tensors (Megatron shards or chunks) that hold
+    those elements: each piece is intersected with every cover of its HF tensor."""
+    out = []
+    for p in pieces:
+        if p.source is None:
+            out.append(p)
+            continue
+        shape = logical[p.source].shape
+        width = shape[1] if len(shape) > 1 else None
+        want_cols = p.cols or ((0, width) if width else None)
+        for c in covers.get(p.source, ()):
+            lo, hi = max(p.rows[0], c.rows[0]), min(p.rows[1], c.rows[1])
+            if lo >= hi:
+                continue
+            src_cols, dst_col = None, p.dst_col
+            if width is not None:
+                have = c.cols or (0, width)
+                c0, c1 = max(want_cols[0], have[0]), min(want_cols[1], have[1])
+                if c0 >= c1:
+                    continue
+                if (c0, c1) != have:
+                    src_cols = (c0 - have[0], c1 - have[0])
+                dst_col = p.dst_col + c0 - want_cols[0]
+            out.append(Piece(c.stored, (c.stored_row + lo - c.rows[0], c.stored_row + hi - c.rows[0]), src_cols,
+                             p.dst_row + lo - p.rows[0], dst_col))
+    return tuple(out)
+
+
+def hf_file_names(count: int) -> list[str]:
+    return ["model.safetensors"] if count == 1 else [
+        f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)]
+
+
+def _hf_order(name: str) -> tuple:
+    """transformers' state-dict order: embeddings, layers by index, final norm, head."""
+    if name.startswith("model.layers."):
+        layer, rest = name[len("model.layers."):].split(".", 1)
+        return (1, int(layer), rest)
+    return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
+
+
+def _build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout) -> tuple[list, list[str]]:
+    """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
+    than that gets a file of its own), as save_pretrained does."""
+    names = sorted(logical, key=_hf_order)
+    files: list[list] = [[]]
+    size = 0
+    for n in names:
+        t = logical[n]
+        dtype = DTYPES[layout.dtype] if layout.dtype else t.dtype
+        target = Target(-1, -1, None, n, t.shape, dtype, (Piece(n, (0, t.rows), None, 0),))
+        if files[-1] and size + target.nbytes > layout.max_shard_bytes:
+            files.append([])
+            size = 0
+        files[-1].append(target)
+        size += target.nbytes
+    paths = hf_file_names(len(files))
+    return [((k,), t) for k, ts in enumerate(files) for t in ts], paths
+
+
+def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, layout,
               world: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-              max_item_bytes: int | None = None, skip_paths: frozenset = frozenset()) -> Plan:
+              max_item_bytes: int | None = None, skip_paths: frozenset = frozenset(), source=None) -> Plan:
     """The whole job's plan; identical on every rank for identical inputs.
 
-    `skip_paths` names legacy files already written (a resumed job): their targets are left out, so
+    `index` holds the HF tensors. With a Megatron `source` (megatron_source.MegatronSource) they are its
+    logical tensors and the plan reads the stored shards or chunks that hold them instead. `layout` is a
+    TargetLayout (Megatron output) or an HFLayout (safetensors output).
+    `skip_paths` names output files already written (a resumed job): their targets are left out, so
     nothing is read or sent for them.
     """
     if world < 1:
@@ -485,9 +559,17 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     layout.validate(cfg)
     family.check(cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
-    pairs = _build_targets(family, index, cfg, layout, padded_vocab)
-    if skip_paths and layout.ckpt_format == "torch":
-        pairs = [(k, t) for k, t in pairs if layout.legacy_file(*k) not in skip_paths]
+    if layout.ckpt_format == "hf":
+        pairs, hf_paths = _build_hf_targets(index, cfg, layout)
+        path_of = lambda key: hf_paths[key[0]]  # noqa: E731
+    else:
+        pairs = _build_targets(family, index, cfg, layout, padded_vocab)
+        path_of = (lambda key: layout.legacy_file(*key)) if layout.ckpt_format == "torch" else (lambda key: None)
+    if skip_paths:
+        pairs = [(k, t) for k, t in pairs if path_of(k) not in skip_paths]
+    if source is not None:
+        pairs = [(k, dataclasses.replace(t, pieces=_translate(t.pieces, source.covers, index))) for k, t in pairs]
+        index = source.stored
 
     unit_keys: dict[tuple, int] = {}
     for key, _ in pairs:
@@ -501,9 +583,8 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
         targets.append(t)
     writers = _assign_writers(unit_bytes, world)
     paths: list[str | None] = [None] * len(unit_keys)
-    if layout.ckpt_format == "torch":
-        for key, u in unit_keys.items():
-            paths[u] = layout.legacy_file(*key)
+    for key, u in unit_keys.items():
+        paths[u] = path_of(key)
     units = [WriteUnit(u, paths[u], writers[u], unit_bytes[u]) for u in range(len(unit_keys))]
 
     if max_item_bytes is None:

@@ -34,6 +34,9 @@ class SourceTensor:
     shape: tuple[int, ...]
     offset: int  # absolute byte offset of the first element in `file`
     nbytes: int
+    # None: raw row-major bytes (safetensors, legacy .pt records). "torch_save": a torch.save blob of the
+    # tensor (a torch_dist chunk), read whole and decoded; `nbytes` is then the blob's length.
+    encoding: str | None = None
 
     @property
     def itemsize(self) -> int:
@@ -45,9 +48,13 @@ class SourceTensor:
         return self.shape[0] if self.shape else 1
 
     @property
+    def data_bytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
     def row_bytes(self) -> int:
         """Bytes of one dim-0 row; a dim-0 slice is one contiguous range of these."""
-        return self.nbytes // self.rows if self.rows else 0
+        return self.data_bytes // self.rows if self.rows else 0
 
 
 def _header_error(path: str, what: str) -> ConversionError:

@@ -52,6 +52,23 @@ FOUR_RANKS = [
 ]
 
 
+# Megatron -> Megatron: (variant, first layout from HF, second layout from the first); each output loads.
+RESHARDS = {
+    2: [("llama3", dict(tp=2, pp=1, format="torch"), dict(tp=1, pp=2, format="torch")),
+        ("qwen2_moe", dict(tp=1, pp=1, ep=2, format="torch_dist"), dict(tp=2, pp=1, format="torch"))],
+    4: [("mixtral", dict(tp=1, pp=1, ep=4, format="torch"), dict(tp=2, pp=1, ep=2, format="torch")),
+        ("qwen3", dict(tp=1, pp=1, format="torch"), dict(tp=2, pp=2, format="torch_dist"))],
+}
+
+
+def _reshard_name(variant, first, second):
+    return f"{variant}-{_name_layout(first)}-then-{_name_layout(second)}"
+
+
+def _name_layout(lay):
+    return "-".join(f"{k}{v}" for k, v in lay.items())
+
+
 def _name(variant, fmt, written, loaded):
     w = "-".join(f"{k}{v}" for k, v in written.items())
     return f"{variant}-{fmt}-{w}" + ("-as-" + "-".join(f"{k}{v}" for k, v in loaded.items()) if loaded else "")
@@ -67,6 +84,12 @@ def megatron_results(hf_models, tmp_path_factory):
             name = _name(variant, fmt, written, loaded)
             cases.append(dict(written, **(loaded or {}), name=name, load=hf_models[variant],
                               save=str(root / name), format=fmt, impl="local"))
+        for variant, first, second in RESHARDS[world]:
+            name = _reshard_name(variant, first, second)
+            cases.append(dict(first, name=name + "-first", load=hf_models[variant], save=str(root / (name + "-a")),
+                              impl="local"))
+            cases.append(dict(second, name=name, src="mcore", load=str(root / (name + "-a")), hf=hf_models[variant],
+                              save=str(root / name), impl="local"))
         path, out = str(root / f"cases{world}.json"), str(root / f"results{world}.json")
         with open(path, "w") as f:
             json.dump(cases, f)
@@ -81,3 +104,10 @@ def megatron_results(hf_models, tmp_path_factory):
 def test_megatron_logits_match_hf(megatron_results, variant, fmt, written, loaded):
     result = megatron_results[_name(variant, fmt, written, loaded)]
     assert result["rel_diff"] <= TOLERANCE, result
+
+
+@pytest.mark.parametrize("variant,first,second", RESHARDS[2] + RESHARDS[4],
+                         ids=[_reshard_name(*c) for c in RESHARDS[2] + RESHARDS[4]])
+def test_resharded_megatron_checkpoint_loads_with_hf_logits(megatron_results, variant, first, second):
+    for name in (_reshard_name(variant, first, second) + "-first", _reshard_name(variant, first, second)):
+        assert megatron_results[name]["rel_diff"] <= TOLERANCE, megatron_results[name]

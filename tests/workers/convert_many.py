@@ -10,16 +10,21 @@ import sys
 if __name__ == "__main__":
     from dist_reshard import collectives
     from dist_reshard.convert import Options, run
-    from dist_reshard.layout import TargetLayout
+    from dist_reshard.layout import HFLayout, TargetLayout, parse_size
 
     with open(sys.argv[1]) as f:
         cases = json.load(f)
     for case in cases:
-        layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
-                              transformer_impl=case.get("impl", "transformer_engine"), dtype=case.get("dtype"),
-                              ep=case.get("ep", 1), etp=case.get("etp"), moe_grouped_gemm=case.get("grouped", False))
+        if case.get("dst", "mcore") == "hf":
+            layout = HFLayout(max_shard_bytes=parse_size(case.get("max_shard_size", "5GB")), dtype=case.get("dtype"))
+        else:
+            layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
+                                  transformer_impl=case.get("impl", "transformer_engine"), dtype=case.get("dtype"),
+                                  ep=case.get("ep", 1), etp=case.get("etp"),
+                                  moe_grouped_gemm=case.get("grouped", False))
         job = run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True,
-                          bucket_bytes=case.get("bucket_bytes", 256 << 20)))
+                          bucket_bytes=case.get("bucket_bytes", 256 << 20), src=case.get("src", "hf"),
+                          hf_config=case.get("hf_config")))
         if collectives.rank() == 0:
             with open(case["save"] + ".report.json", "w") as f:
                 json.dump(job, f, default=str)

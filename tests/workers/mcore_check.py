@@ -29,7 +29,7 @@ if __name__ == "__main__":
         layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
                               transformer_impl=case.get("impl", "local"), ep=case.get("ep", 1),
                               etp=case.get("etp"))
-        run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True))
+        run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True, src=case.get("src", "hf")))
         me = dist.get_rank()
         ltp, lpp, lvpp = case.get("load_tp", case["tp"]), case.get("load_pp", case["pp"]), case.get("load_vpp", case.get("vpp"))
         lep, letp = case.get("load_ep", case.get("ep", 1)), case.get("load_etp", case.get("etp"))
@@ -59,7 +59,7 @@ if __name__ == "__main__":
         tokens = torch.randint(0, args.true_vocab_size, (2, 12), generator=gen)
         logits = mcore_cpu.forward_logits(models, tokens)[..., :args.true_vocab_size]
         if me == 0:
-            hf = AutoModelForCausalLM.from_pretrained(case["load"], dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(case.get("hf", case["load"]), dtype=torch.float32).eval()
             with torch.no_grad():
                 expected = hf(tokens).logits.float()
             rel = ((logits - expected).abs().max() / expected.abs().max()).item()

@@ -1,0 +1,63 @@
+"""The HF `config.json` of an exported model.
+
+In order of preference: the reference folder's own (`--hf-config DIR`); the HF config that an HF -> Megatron
+conversion stored in the checkpoint's args (`args.hf_config`), which makes a round trip reproduce it; or
+one rebuilt from the Megatron args, with the family's own field names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+
+from .errors import ConversionError
+from .hf_config import ModelConfig
+
+_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "mixtral": "mixtral",
+                "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
+_TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _from_args(args: Namespace, cfg: ModelConfig, family: str, dtype: str | None) -> dict:
+    out = {
+        "architectures": [cfg.architecture], "model_type": _MODEL_TYPES.get(family, family),
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_query_groups,
+        "head_dim": cfg.kv_channels, "num_hidden_layers": cfg.num_layers, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.norm_epsilon,
+        "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu",
+        "torch_dtype": _TORCH_DTYPES.get(dtype or "", "float32"),
+    }
+    if cfg.rope_scaling:
+        out["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.num_experts:
+        dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
+        out["num_experts_per_tok"] = cfg.moe_topk
+        if family == "mixtral":
+            out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn_hidden_size)
+        else:
+            out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                       norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=dense)
+            if cfg.shared_expert_ffn_hidden_size:
+                out["shared_expert_intermediate_size"] = cfg.shared_expert_ffn_hidden_size
+    return out
+
+
+def hf_config(args: Namespace, cfg: ModelConfig, family: str, dtype: str | None, reference: str | None) -> dict:
+    if reference:
+        path = os.path.join(reference, "config.json")
+        try:
+            with open(path) as f:
+                ref = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"--hf-config {reference}: cannot read config.json ({e})") from None
+        for key, value in (("num_hidden_layers", cfg.num_layers), ("hidden_size", cfg.hidden_size)):
+            if ref.get(key) != value:
+                raise ConversionError(f"--hf-config {reference}: {key} = {ref.get(key)!r} but the checkpoint has "
+                                      f"{value}")
+        return ref
+    stored = getattr(args, "hf_config", None)
+    if isinstance(stored, dict) and stored.get("architectures"):
+        return dict(stored)
+    return _from_args(args, cfg, family, dtype)

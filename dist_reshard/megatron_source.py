@@ -1,0 +1,412 @@
+"""A Megatron-Core checkpoint as a conversion source: where each part of each HF tensor is stored.
+
+Metadata only, like the safetensors index: a legacy `model_optim_rng.pt` is a zip of uncompressed
+records, so its pickle gives every tensor's record, shape and dtype and the zip headers give the record's
+byte offset; each shard tensor becomes a `SourceTensor` read with positional reads like a safetensors
+tensor. A torch_dist chunk is a `torch.save` blob inside a `.distcp` file (DCP's metadata gives its byte
+range); it is read whole and decoded. The family table, through `blocks()`, says which rows and columns
+of which HF tensor each stored shard or chunk holds (`Cover`s); the planner intersects those with what
+each output needs, so every byte is read once, by one rank, whatever the two layouts.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import pickle
+import struct
+import zipfile
+from argparse import Namespace
+from collections import defaultdict
+from dataclasses import dataclass
+
+from .errors import ConversionError
+from .families import family_for
+from .hf_config import ModelConfig
+from .layout import TargetLayout
+from .mapping import Family, Kind, blocks, full_shape, hf_shapes
+from .safetensors_index import DTYPE_SIZES, SourceTensor
+
+_STORAGE_DTYPES = {"FloatStorage": "F32", "BFloat16Storage": "BF16", "HalfStorage": "F16",
+                   "DoubleStorage": "F64", "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16",
+                   "CharStorage": "I8", "ByteStorage": "U8", "BoolStorage": "BOOL",
+                   "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2"}
+_TORCH_DTYPE_NAMES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16",
+                      "torch.float64": "F64", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2"}
+
+
+@dataclass(frozen=True)
+class Cover:
+    """HF tensor `hf` rows [rows) x cols [cols) (None: all) are stored in `stored` from row `stored_row`,
+    columns from 0."""
+
+    hf: str
+    rows: tuple[int, int]
+    cols: tuple[int, int] | None
+    stored: str
+    stored_row: int
+
+
+@dataclass
+class MegatronSource:
+    path: str
+    format: str  # "torch" | "torch_dist"
+    args: Namespace
+    config: ModelConfig
+    family: Family
+    layout: TargetLayout  # the layout the checkpoint was written in
+    stored: dict[str, SourceTensor]  # readable tensors (shards or chunks) by stored name
+    covers: dict[str, list[Cover]]  # HF name -> where its parts are stored
+    logical: dict[str, SourceTensor]  # HF name -> shape and dtype (no file): what the planner converts
+    files: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Legacy .pt files read as metadata.
+
+
+@dataclass(frozen=True)
+class _StorageRef:
+    dtype: str
+    key: str
+
+
+@dataclass(frozen=True)
+class _TensorRef:
+    storage: _StorageRef
+    offset: int  # in elements
+    shape: tuple[int, ...]
+    contiguous: bool
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_):
+    shape = tuple(size)
+    expected, n = [], 1
+    for d in reversed(shape):
+        expected.append(n)
+        n *= d
+    return _TensorRef(storage, storage_offset, shape, tuple(stride) == tuple(reversed(expected)) or n <= 1)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """torch.save's pickle with tensors replaced by references to their records (no data is loaded)."""
+
+    def find_class(self, module, name):
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, _numel = pid
+        if kind != "storage" or storage_type not in _STORAGE_DTYPES.values():
+            raise pickle.UnpicklingError(f"unsupported storage {storage_type!r}")
+        return _StorageRef(storage_type, str(key))
+
+
+def _record_offsets(path: str, zf: zipfile.ZipFile, prefix: str) -> dict[str, int]:
+    """Absolute byte offset of each `data/<key>` record; torch.save stores records uncompressed."""
+    out = {}
+    with open(path, "rb") as f:
+        for info in zf.infolist():
+            if not info.filename.startswith(prefix + "data/"):
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise ConversionError(f"{path}: record {info.filename} is compressed; cannot read it in place")
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            out[info.filename[len(prefix + "data/"):]] = info.header_offset + 30 + name_len + extra_len
+    return out
+
+
+def read_pt_metadata(path: str) -> tuple[dict, dict[str, int]]:
+    """The saved object with `_TensorRef`s in place of tensors, and each storage record's file offset."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
+            prefix = pkl[:-len("data.pkl")]
+            import io
+
+            obj = _MetadataUnpickler(io.BytesIO(zf.read(pkl))).load()
+            return obj, _record_offsets(path, zf, prefix)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: rank file missing") from None
+    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, struct.error) as e:
+        raise ConversionError(f"{path}: not a readable torch.save file ({e.__class__.__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The checkpoint's own facts.
+
+
+def iteration_dir(path: str) -> str:
+    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
+    if os.path.exists(tracker):
+        with open(tracker) as f:
+            text = f.read().strip()
+        if text == "release":
+            return os.path.join(path, "release")
+        if not text.isdigit():
+            raise ConversionError(f"{tracker}: holds {text!r}, not an iteration number")
+        folder = os.path.join(path, f"iter_{int(text):07d}")
+        if not os.path.isdir(folder):
+            raise ConversionError(f"{tracker}: names iteration {int(text)} but {folder} does not exist")
+        return folder
+    if os.path.exists(os.path.join(path, "metadata.json")) or glob.glob(os.path.join(path, "mp_rank_*")):
+        return path
+    iters = sorted(glob.glob(os.path.join(path, "iter_*")))
+    if len(iters) == 1:
+        return iters[0]
+    if iters:
+        raise ConversionError(f"{path}: several iterations ({', '.join(os.path.basename(i) for i in iters)}) and "
+                              f"no latest_checkpointed_iteration.txt saying which to read")
+    raise ConversionError(f"{path}: not a Megatron checkpoint (no latest_checkpointed_iteration.txt, iter_* "
+                          f"folder, metadata.json or mp_rank_* files)")
+
+
+def config_from_args(args: Namespace, where: str) -> ModelConfig:
+    from .logical import _config_from_args
+
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                  "tensor_model_parallel_size", "pipeline_model_parallel_size", "padded_vocab_size"):
+        if not isinstance(getattr(args, field, None), int):
+            raise ConversionError(f"{where}: args has no integer {field!r}; not a Megatron-Core GPT checkpoint")
+    return _config_from_args(args)
+
+
+def source_layout(args: Namespace, fmt: str, impl: str, grouped: bool) -> TargetLayout:
+    return TargetLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                        vpp=getattr(args, "virtual_pipeline_model_parallel_size", None), ckpt_format=fmt,
+                        transformer_impl=impl, ep=getattr(args, "expert_model_parallel_size", 1) or 1,
+                        etp=getattr(args, "expert_tensor_parallel_size", None) if getattr(args, "num_experts", None)
+                        else None, moe_grouped_gemm=grouped,
+                        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128) or 128)
+
+
+def _instances(rule, cfg):
+    from .rank_plan import _instances as inst
+
+    return inst(rule, cfg)
+
+
+def _logical_tensor(name: str, shape: tuple[int, ...], dtype: str) -> SourceTensor:
+    return SourceTensor(name, "", dtype, shape, 0, math.prod(shape) * DTYPE_SIZES[dtype])
+
+
+def _add_covers(covers, rule, names, cfg, tp, r, padded_vocab, stored_name, stored_shape, where):
+    """Covers of one legacy shard (TP rank r's blocks stacked on dim 0), checked against its stored shape."""
+    shapes = hf_shapes(rule, cfg)
+    row = 0
+    blks = blocks(rule.kind, shapes, names, cfg, tp, r, padded_vocab)
+    expected = (sum(b.shape[0] for b in blks),) + blks[0].shape[1:]
+    if tuple(stored_shape) != expected:
+        raise ConversionError(f"{where}: tensor {stored_name.rsplit('/', 1)[-1]!r} has shape {list(stored_shape)}, "
+                              f"but the checkpoint's args imply {list(expected)}")
+    for b in blks:
+        for p in b.pieces:
+            if p.source is not None:
+                covers[p.source].append(Cover(p.source, p.rows, p.cols, stored_name, row + p.dst_row))
+        row += b.shape[0]
+
+
+def _open_legacy(path: str, folder: str) -> MegatronSource:
+    rank_files = sorted(glob.glob(os.path.join(folder, "mp_rank_*", "model_optim_rng.pt")))
+    if not rank_files:
+        raise ConversionError(f"{folder}: no mp_rank_*/model_optim_rng.pt files")
+    meta = {f: read_pt_metadata(f) for f in rank_files}
+    first, _ = meta[rank_files[0]]
+    args = first.get("args") if isinstance(first, dict) else None
+    if not isinstance(args, Namespace):
+        raise ConversionError(f"{rank_files[0]}: no 'args' namespace; cannot tell the model or its layout")
+    cfg = config_from_args(args, rank_files[0])
+    family = family_for(cfg.architecture, f"{rank_files[0]} (args)")
+    for f, (obj, _) in meta.items():
+        version = obj.get("checkpoint_version", 0)
+        if not isinstance(version, (int, float)) or version < 3.0:
+            raise ConversionError(f"{f}: checkpoint_version {version!r} is below 3.0 (older QKV order); "
+                                  f"not supported")
+        if obj.get("iteration") != first.get("iteration"):
+            raise ConversionError(f"{f}: iteration {obj.get('iteration')} differs from {rank_files[0]}'s "
+                                  f"{first.get('iteration')} (mixed iterations)")
+    containers = [k for k in first if k == "model" or (k.startswith("model") and k[5:].isdigit())]
+    keys = {k for c in containers for k in first[c]}
+    impl = "local" if any(k.endswith(".input_layernorm.weight") for k in keys) else "transformer_engine"
+    grouped = any(".mlp.experts.linear_fc1.weight" in k for f in rank_files for c in containers
+                  for k in meta[f][0].get(c, {}))
+    layout = source_layout(args, "torch", impl, grouped)
+    try:
+        layout.validate(cfg)
+    except ConversionError as e:
+        raise ConversionError(f"{rank_files[0]}: the checkpoint's own args are inconsistent: {e}") from None
+    expected = {os.path.join(path, layout.legacy_file(t, p, k)).replace(
+        "iter_0000001", os.path.relpath(folder, path), 1)
+        for t in range(layout.tp) for p in range(layout.pp) for k in range(layout.ep)}
+    missing = sorted(expected - set(rank_files))
+    if missing:
+        raise ConversionError(f"{missing[0]}: rank file missing ({len(missing)} of {len(expected)} missing for "
+                              f"TP{layout.tp} PP{layout.pp}" + (f" EP{layout.ep}" if layout.ep > 1 else "") + ")")
+
+    stored: dict[str, SourceTensor] = {}
+
+    def stored_tensor(file: str, container: str, key: str) -> SourceTensor:
+        obj, offsets = meta[file]
+        ref = obj.get(container, {}).get(key)
+        if not isinstance(ref, _TensorRef):
+            raise ConversionError(f"{file}: tensor {key!r} missing from {container!r}")
+        if not ref.contiguous:
+            raise ConversionError(f"{file}: tensor {key!r} is not contiguous; cannot read it in place")
+        itemsize = DTYPE_SIZES[ref.storage.dtype]
+        name = f"{os.path.relpath(file, path)}/{container}/{key}"
+        t = SourceTensor(name, file, ref.storage.dtype, ref.shape, offsets[ref.storage.key] + ref.offset * itemsize,
+                         math.prod(ref.shape) * itemsize)
+        stored[name] = t
+        return t
+
+    placement = layout.layer_placement(cfg.num_layers)
+    padded = args.padded_vocab_size
+    per_ep = cfg.num_experts // layout.ep if cfg.num_experts else 0
+    covers: dict[str, list[Cover]] = defaultdict(list)
+    logical: dict[str, SourceTensor] = {}
+    for rule in family.rules:
+        if rule.tied_to and cfg.tie_word_embeddings:
+            continue
+        probe_key = rule.name(impl, grouped)
+        if rule.optional and not any(probe_key.format(i=j, e=0) in first[c] for c in containers
+                                     for j in range(cfg.num_layers)):
+            continue
+        tp = layout.expert_tp if rule.expert else layout.tp
+        for i, e in _instances(rule, cfg):
+            names = rule.hf_names(i, e)
+            if i is None:
+                p, v, j = (0, 0, None) if rule.megatron.startswith("embedding.") else (layout.pp - 1,
+                                                                                       layout.chunks - 1, None)
+            else:
+                p, v, j = placement[i]
+            ep_rank, local = divmod(e, per_ep) if e is not None else (0, None)
+            key = rule.name(impl, grouped).format(i=j, e=local)
+            dtype = None
+            for r in ([0] if rule.kind is Kind.REPLICATED else range(tp)):
+                file = os.path.join(path, layout.legacy_file(r, p, ep_rank)).replace(
+                    "iter_0000001", os.path.relpath(folder, path), 1)
+                t = stored_tensor(file, layout.container(v), key)
+                dtype = t.dtype
+                _add_covers(covers, rule, names, cfg, tp, r, padded, t.name, t.shape, file)
+            for n, shape in zip(names, hf_shapes(rule, cfg)):
+                logical[n] = _logical_tensor(n, shape, dtype)
+    return MegatronSource(path, "torch", args, cfg, family, layout, stored, dict(covers), logical, rank_files)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch_dist folders.
+
+
+def _open_torch_dist(path: str, folder: str) -> MegatronSource:
+    import torch
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        md = FileSystemReader(folder).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a missing or corrupt .metadata is reported by file
+        raise ConversionError(f"{folder}/.metadata: unreadable DCP metadata ({e.__class__.__name__})") from None
+    common_path = os.path.join(folder, "common.pt")
+    try:
+        common = torch.load(common_path, weights_only=False, map_location="cpu")
+    except FileNotFoundError:
+        raise ConversionError(f"{common_path}: missing (holds the args that describe the model)") from None
+    args = common.get("args") if isinstance(common, dict) else None
+    if not isinstance(args, Namespace):
+        raise ConversionError(f"{common_path}: no 'args' namespace; cannot tell the model")
+    cfg = config_from_args(args, common_path)
+    family = family_for(cfg.architecture, f"{common_path} (args)")
+    tensors = {k: m for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    layout = source_layout(args, "torch_dist", "transformer_engine", False)
+    stacked = len({cfg.is_moe_layer(i) for i in range(cfg.num_layers)}) == 1
+    storage = {(idx.fqn, tuple(idx.offset)): info for idx, info in md.storage_data.items() if idx.offset is not None}
+    files = sorted({os.path.join(folder, info.relative_path) for info in storage.values()})
+    for f in files:
+        if not os.path.exists(f):
+            raise ConversionError(f"{f}: data file missing (named by {folder}/.metadata)")
+    stored: dict[str, SourceTensor] = {}
+    covers: dict[str, list[Cover]] = defaultdict(list)
+    logical: dict[str, SourceTensor] = {}
+    padded = None
+    for rule in family.rules:
+        if rule.tied_to and cfg.tie_word_embeddings:
+            continue
+        for i, e in _instances(rule, cfg):
+            layer_key = None if (stacked or i is None) else i
+            # The local spec keys a MoE layer's pre-MLP norm differently; take whichever was written.
+            key = next((k for k in (rule.torch_dist_key(impl, layer_key) for impl in ("transformer_engine", "local"))
+                        if k in tensors), rule.torch_dist_key("transformer_engine", layer_key))
+            if key not in tensors:
+                if rule.optional:
+                    break
+                raise ConversionError(f"{folder}: tensor {key!r} missing from the checkpoint's metadata")
+            meta = tensors[key]
+            lead = tuple(x for x in ((i if stacked else None), e) if x is not None)
+            names = rule.hf_names(i, e)
+            shapes = hf_shapes(rule, cfg)
+            if rule.kind is Kind.VOCAB:
+                padded = meta.size[len(lead)]
+            padded_vocab = padded or args.padded_vocab_size
+            # With TP 1 the blocks tile the whole Megatron tensor: global row = block offset + dst_row.
+            full_pieces = [(b.offset[0] + p.dst_row, p) for b in blocks(rule.kind, shapes, names, cfg, 1, 0, padded_vocab)
+                           for p in b.pieces if p.source is not None]
+            expected = full_shape(rule.kind, shapes, padded_vocab)
+            if tuple(meta.size[len(lead):]) != expected:
+                raise ConversionError(f"{folder}: tensor {key!r} has global shape {list(meta.size)}, but the "
+                                      f"checkpoint's args imply {list(expected)} after {len(lead)} leading axes")
+            dtype = _TORCH_DTYPE_NAMES.get(str(meta.properties.dtype))
+            if dtype is None:
+                raise ConversionError(f"{folder}: tensor {key!r} has unsupported dtype {meta.properties.dtype}")
+            for chunk in meta.chunks:
+                off, size = tuple(chunk.offsets), tuple(chunk.sizes)
+                if off[:len(lead)] != lead:
+                    continue
+                if any(s != 1 for s in size[:len(lead)]):
+                    raise ConversionError(f"{folder}: tensor {key!r} has a chunk spanning several layers/experts "
+                                          f"({list(size)}); not supported")
+                info = storage.get((key, off))
+                if info is None:
+                    raise ConversionError(f"{folder}: chunk {key!r} at {list(off)} has no storage entry")
+                inner_off, inner = off[len(lead):], size[len(lead):]
+                name = f"{key}@{','.join(map(str, off))}"
+                stored[name] = SourceTensor(name, os.path.join(folder, info.relative_path), dtype, inner,
+                                            info.offset, info.length, encoding="torch_save")
+                row0 = inner_off[0] if inner_off else 0
+                rows = inner[0] if inner else 1
+                cols = (inner_off[1], inner_off[1] + inner[1]) if len(inner) > 1 else None
+                for start, p in full_pieces:
+                    lo, hi = max(row0, start), min(row0 + rows, start + p.nrows)
+                    if lo >= hi:
+                        continue
+                    hf_rows = (p.rows[0] + lo - start, p.rows[0] + hi - start)
+                    width = shapes[names.index(p.source)][1] if len(shapes[names.index(p.source)]) > 1 else None
+                    chunk_cols = None if (cols is None or cols == (0, width)) else cols
+                    covers[p.source].append(Cover(p.source, hf_rows, chunk_cols, name, lo - row0))
+            for n, shape in zip(names, shapes):
+                logical[n] = _logical_tensor(n, shape, dtype)
+    _check_covered(logical, covers, folder)
+    return MegatronSource(path, "torch_dist", args, cfg, family, layout, stored, dict(covers), logical, files)
+
+
+def _check_covered(logical: dict[str, SourceTensor], covers: dict[str, list[Cover]], where: str) -> None:
+    """Every element of every logical tensor is stored somewhere (chunks may be missing from metadata)."""
+    for name, t in logical.items():
+        width = t.shape[1] if len(t.shape) > 1 else 1
+        area = sum((c.rows[1] - c.rows[0]) * ((c.cols[1] - c.cols[0]) if c.cols else width)
+                   for c in covers.get(name, []))
+        if area < t.rows * width:
+            raise ConversionError(f"{where}: the stored chunks cover only {area} of {t.rows * width} elements "
+                                  f"of {name}")
+
+
+def open_source(path: str) -> MegatronSource:
+    folder = iteration_dir(path)
+    if os.path.exists(os.path.join(folder, "metadata.json")):
+        return _open_torch_dist(path, folder)
+    return _open_legacy(path, folder)

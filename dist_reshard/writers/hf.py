@@ -1,0 +1,74 @@
+"""HF safetensors output: shard files, `model.safetensors.index.json`, `config.json` and friends.
+
+A shard file is written by the one rank that holds all of its tensors: the header (names, dtypes,
+shapes, offsets, in the planner's order) first, then each tensor's bytes, hashed as they are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import torch
+
+from ..safetensors_index import DTYPE_SIZES
+
+# Files a reference HF folder contributes with --hf-config (besides config.json).
+REFERENCE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def _header(entries: list[tuple[str, str, tuple]]) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape in entries:
+        n = DTYPE_SIZES[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return raw + b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
+
+
+def write_file(path: str, tensors: list[tuple[str, str, torch.Tensor]]) -> dict:
+    """Write one safetensors file from (name, dtype, tensor); returns {size, sha256}, after fsync."""
+    raw = _header([(n, d, tuple(t.shape)) for n, d, t in tensors])
+    digest = hashlib.sha256()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        for chunk in (len(raw).to_bytes(8, "little"), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        for _, _, t in tensors:
+            data = memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
+            f.write(data)
+            digest.update(data)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    return {"size": size, "sha256": digest.hexdigest()}
+
+
+def write_index(folder: str, weight_map: dict[str, str], total_size: int) -> None:
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                  indent=2)
+        f.write("\n")
+
+
+def write_config(folder: str, config: dict, reference: str | None) -> list[str]:
+    """config.json (the reference folder's own when given), plus the reference's generation config and
+    tokenizer files; returns the names written."""
+    written = ["config.json"]
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    if reference:
+        for name in REFERENCE_FILES:
+            src = os.path.join(reference, name)
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(folder, name))
+                written.append(name)
+    return written

@@ -574,7 +574,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
                 "source": identity["source"], "source_folder": os.path.abspath(opts.load),
                 "family": family.name, "layout": identity["layout"], "world_size": plan.world,
                 "padded_vocab_size": plan.padded_vocab, "true_vocab_size": cfg.vocab_size,
-                "files": [{k: r[k] for k in ("path", "size", "sha256")} for _, r in sorted(files.items())],
+                "files": [{k: r[k] for k in ("path", "size", manifest.FILE_HASH)} for _, r in sorted(files.items())],
             })
             shutil.rmtree(os.path.join(staging, manifest.JOURNAL_DIR), ignore_errors=True)
             _publish(opts, staging)

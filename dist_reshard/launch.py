@@ -72,7 +72,8 @@ def _summary(job: dict) -> str:
              + (f" {lay['ckpt_format']}" if lay["ckpt_format"] != "hf" else "")]
     for r in job["ranks"]:
         read = r["planned"]["bytes_read"] if job["dry_run"] else r["bytes_read"]
-        lines.append(f"  rank {r['rank']}: read {read / mib:.2f} MiB, wrote {r['bytes_written'] / mib:.2f} MiB, "
+        resident = f", resident <= {r['planned']['resident_bytes'] / mib:.2f} MiB" if job["dry_run"] else ""
+        lines.append(f"  rank {r['rank']}: read {read / mib:.2f} MiB{resident}, wrote {r['bytes_written'] / mib:.2f} MiB, "
                      f"peak RSS {r['peak_rss_bytes'] / mib:.0f} MiB, "
                      + ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items()))
     if job.get("read_amplification") is not None:

@@ -14,12 +14,23 @@ import os
 import struct
 
 MANIFEST = "dist_reshard.json"
+# Per-file content hash in the manifest and the resume journal: XXH3-128 runs at memory speed, so hashing
+# while writing costs almost nothing (SHA-256 ran at ~1.1 GB/s here, slower than the disk). It guards
+# against corruption and stale files, not against an adversary.
+FILE_HASH = "xxh3_128"
+
+
+def new_file_hasher():
+    import xxhash
+
+    return xxhash.xxh3_128()
+
 JOURNAL_DIR = ".dist_reshard-progress"
 _CHUNK = 8 << 20
 
 
 def file_digest(path: str) -> dict:
-    h = hashlib.sha256()
+    h = new_file_hasher()
     size = 0
     with open(path, "rb") as f:
         while True:
@@ -28,7 +39,7 @@ def file_digest(path: str) -> dict:
                 break
             h.update(block)
             size += len(block)
-    return {"size": size, "sha256": h.hexdigest()}
+    return {"size": size, FILE_HASH: h.hexdigest()}
 
 
 def source_fingerprint(files: list[str]) -> list[dict]:
@@ -58,11 +69,11 @@ def _record_path(staging: str, rel: str) -> str:
 def record_done(staging: str, rel: str, job_key: str, digest: dict | None = None) -> dict:
     """Hash a finished file and journal it (write-then-rename, so a record is never half-written).
 
-    `digest` ({"size", "sha256"}, from a writer that hashed the bytes as it wrote them) spares reading
+    `digest` ({"size", <file hash>}, from a writer that hashed the bytes as it wrote them) spares reading
     the file back; without it the file is hashed here."""
     if not digest:
         digest = file_digest(os.path.join(staging, rel))
-    entry = dict(size=digest["size"], sha256=digest["sha256"], path=rel, job=job_key)
+    entry = dict(size=digest["size"], path=rel, job=job_key, **{FILE_HASH: digest[FILE_HASH]})
     path = _record_path(staging, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
@@ -89,7 +100,7 @@ def completed(staging: str, job_key: str) -> dict[str, dict]:
             if entry.get("job") != job_key:
                 continue
             target = os.path.join(staging, entry["path"])
-            if os.path.exists(target) and file_digest(target) == {"size": entry["size"], "sha256": entry["sha256"]}:
+            if os.path.exists(target) and file_digest(target) == {"size": entry["size"], FILE_HASH: entry.get(FILE_HASH)}:
                 out[entry["path"]] = entry
         except (OSError, ValueError, KeyError):
             continue  # a torn or foreign record: the file is simply redone

@@ -106,35 +106,37 @@ class _MetadataUnpickler(pickle.Unpickler):
         return _StorageRef(storage_type, str(key))
 
 
-def _record_offsets(path: str, zf: zipfile.ZipFile, prefix: str) -> dict[str, int]:
-    """Absolute byte offset of each `data/<key>` record; torch.save stores records uncompressed."""
-    out = {}
-    with open(path, "rb") as f:
-        for info in zf.infolist():
-            if not info.filename.startswith(prefix + "data/"):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise ConversionError(f"{path}: record {info.filename} is compressed; cannot read it in place")
-            f.seek(info.header_offset)
-            local = f.read(30)
-            name_len, extra_len = struct.unpack("<HH", local[26:30])
-            out[info.filename[len(prefix + "data/"):]] = info.header_offset + 30 + name_len + extra_len
-    return out
+def _local_data_offset(f, info: zipfile.ZipInfo) -> int:
+    f.seek(info.header_offset)
+    local = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return info.header_offset + 30 + name_len + extra_len
 
 
 def read_pt_metadata(path: str) -> tuple[dict, dict[str, int]]:
-    """The saved object with `_TensorRef`s in place of tensors, and each storage record's file offset."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            pkl = next(n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl")
-            prefix = pkl[:-len("data.pkl")]
-            import io
+    """The saved object with `_TensorRef`s in place of tensors, and each storage record's file offset.
 
-            obj = _MetadataUnpickler(io.BytesIO(zf.read(pkl))).load()
-            return obj, _record_offsets(path, zf, prefix)
+    Records are read straight from their byte ranges (torch.save stores them uncompressed), without
+    zipfile's CRC check: our own legacy writer leaves CRCs at zero (torch's compute_crc32 off)."""
+    import io
+
+    try:
+        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+            infos = zf.infolist()
+            pkl = next(i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl")
+            prefix = pkl.filename[:-len("data.pkl")]
+            offsets = {}
+            for info in infos:
+                if info.compress_type != zipfile.ZIP_STORED:
+                    raise ConversionError(f"{path}: record {info.filename} is compressed; cannot read it in place")
+                if info.filename.startswith(prefix + "data/"):
+                    offsets[info.filename[len(prefix + "data/"):]] = _local_data_offset(f, info)
+            f.seek(_local_data_offset(f, pkl))
+            obj = _MetadataUnpickler(io.BytesIO(f.read(pkl.file_size))).load()
+            return obj, offsets
     except FileNotFoundError:
         raise ConversionError(f"{path}: rank file missing") from None
-    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, struct.error) as e:
+    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, struct.error, ValueError) as e:
         raise ConversionError(f"{path}: not a readable torch.save file ({e.__class__.__name__}: {e})") from None
 
 

@@ -177,7 +177,8 @@ class Plan:
 
     def accounting(self) -> list[dict]:
         """Per-rank bytes read / written / exchanged, without building every view's lists twice."""
-        acc = [dict(rank=r, bytes_read=0, bytes_written=0, bytes_sent=0, bytes_received=0, peak_bucket_bytes=0)
+        acc = [dict(rank=r, bytes_read=0, bytes_written=0, bytes_sent=0, bytes_received=0, peak_bucket_bytes=0,
+                    resident_bytes=0)
                for r in range(self.world)]
         for it in self.items:
             acc[it.reader]["bytes_read"] += it.nbytes
@@ -196,6 +197,8 @@ class Plan:
                     acc[t.dst]["bytes_received"] += t.nbytes
             for r in range(self.world):
                 acc[r]["peak_bucket_bytes"] = max(acc[r]["peak_bucket_bytes"], inflight[r])
+        for a in acc:  # an upper bound: legacy and HF files are freed once written, torch_dist at the end
+            a["resident_bytes"] = a["bytes_written"] + a["peak_bucket_bytes"]
         return acc
 
     @property
@@ -349,15 +352,33 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
     return out
 
 
-def _assign_writers(unit_bytes: list[int], world: int) -> list[int]:
-    """Longest-processing-time assignment: biggest unit to the least-loaded rank (ties: lowest rank)."""
-    heap = [(0, r) for r in range(world)]
+def _assign_writers(unit_bytes: list[int], world: int, order: list[int] | None = None) -> list[int]:
+    """Contiguous runs of units, in locality order, of about 1/N of the bytes each (a unit goes to the
+    rank its midpoint falls in). Units that share source bytes sit next to each other in that order (the
+    TP shards and EP copies of one pipeline stage, the chunks of one layer), so one rank writes them and
+    reads their source once without sending it anywhere. Balanced to within one unit."""
+    order = list(range(len(unit_bytes))) if order is None else order
+    total = sum(unit_bytes) or 1
     writer = [0] * len(unit_bytes)
-    for u in sorted(range(len(unit_bytes)), key=lambda u: (-unit_bytes[u], u)):
-        load, r = heapq.heappop(heap)
-        writer[u] = r
-        heapq.heappush(heap, (load + unit_bytes[u], r))
+    done = 0
+    for u in order:
+        writer[u] = min(world - 1, int((done + unit_bytes[u] / 2) * world / total))
+        done += unit_bytes[u]
     return writer
+
+
+def _locality_key(key: tuple, target: Target, num_layers: int) -> tuple:
+    """Sort key putting units that read the same source bytes side by side."""
+    if target.container is not None:  # legacy file (tp, pp, ep): a stage's TP shards, then its EP copies
+        tp, pp, ep = key
+        return (pp, tp, ep)
+    if target.global_offset is None:  # HF output file: already in state-dict order
+        return key
+    if target.lead:  # torch_dist chunk of a layer: the layer's chunks together
+        return (target.global_offset[0], target.key, target.global_offset)
+    layer = int(target.key.split(".")[2]) if target.key.startswith("decoder.layers.") and \
+        target.key.split(".")[2].isdigit() else (-1 if target.key.startswith("embedding") else num_layers)
+    return (layer, target.key, target.global_offset)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -581,7 +602,12 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
         t = dataclasses.replace(t, index=len(targets), unit=u)
         unit_bytes[u] += t.nbytes
         targets.append(t)
-    writers = _assign_writers(unit_bytes, world)
+    first_target: dict[int, Target] = {}
+    for t in targets:
+        first_target.setdefault(t.unit, t)
+    keys = {u: k for k, u in unit_keys.items()}
+    order = sorted(range(len(unit_keys)), key=lambda u: (_locality_key(keys[u], first_target[u], cfg.num_layers), u))
+    writers = _assign_writers(unit_bytes, world, order)
     paths: list[str | None] = [None] * len(unit_keys)
     for key, u in unit_keys.items():
         paths[u] = path_of(key)

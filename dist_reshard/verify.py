@@ -1,6 +1,6 @@
 """`python -m dist_reshard.verify OUT [--against SRC]`: prove an output is what it claims to be.
 
-Without `--against`: every file in the manifest exists with its recorded size and SHA-256, and no
+Without `--against`: every file in the manifest exists with its recorded size and content hash, and no
 unlisted file hides among them. With `--against SRC`: the job is planned again from the source's
 headers, and every target tensor (legacy) or stored chunk (torch_dist) is compared byte for byte with the
 slices of the source it was made from, one target at a time, so memory stays bounded by the largest
@@ -20,7 +20,7 @@ from .families import family_for
 from .hf_config import read_config
 from .layout import TargetLayout
 from .logical import read_dcp_chunk
-from .manifest import MANIFEST, file_digest, read_manifest
+from .manifest import FILE_HASH, MANIFEST, file_digest, read_manifest
 from .rank_plan import ReadItem, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import index_folder
@@ -44,8 +44,8 @@ def check_files(out: str) -> list[str]:
         got = file_digest(path)
         if got["size"] != entry["size"]:
             problems.append(f"{path}: size {got['size']} != recorded {entry['size']}")
-        elif got["sha256"] != entry["sha256"]:
-            problems.append(f"{path}: SHA-256 differs from the manifest")
+        elif got[FILE_HASH] != entry.get(FILE_HASH):
+            problems.append(f"{path}: content hash ({FILE_HASH}) differs from the manifest")
     for root, _dirs, files in os.walk(out):
         for name in files:
             rel = os.path.normpath(os.path.relpath(os.path.join(root, name), out))

@@ -134,3 +134,57 @@ def test_reshard_equals_direct_conversion(exported, name, tmp_path):
             assert got[k].dtype == v.dtype and torch.equal(got[k].view(torch.uint8), v.view(torch.uint8)), k
         elif k.endswith("_extra_state") or "/shard_" in k:
             assert (got[k] is None) == (v is None), k
+
+
+def _export(src, save, *flags):
+    from conftest import torchrun
+
+    torchrun(2, "-m", "dist_reshard.launch", "--src", "mcore", "--dst", "hf", "--load", src, "--save", save,
+             "--quiet", *flags)
+
+
+def test_config_rebuilt_from_args_when_none_is_stored(exported, tmp_path):
+    """A checkpoint from another tool has no stored HF config: one is rebuilt from the Megatron args,
+    and transformers loads the export with the original logits (a MoE model with dense layers and a
+    shared expert, the hardest config to rebuild)."""
+    import glob
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    case = exported["qwen2_moe-tp2-pp1-ep2-formattorch"]
+    src = str(tmp_path / "mcore")
+    shutil.copytree(case["mcore"], src)
+    for f in glob.glob(os.path.join(src, "iter_0000001", "*", "model_optim_rng.pt")):
+        sd = torch.load(f, weights_only=False)
+        del sd["args"].hf_config
+        torch.save(sd, f)
+    out = str(tmp_path / "hf")
+    _export(src, out)
+    assert _tensor_hashes(out) == _tensor_hashes(case["hf"])
+    tokens = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(case["hf"], dtype=torch.float32).eval()(tokens).logits
+        got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(tokens).logits
+    assert torch.equal(got, want)
+
+
+def test_hf_config_folder_supplies_config_and_tokenizer(exported, tmp_path):
+    import shutil
+
+    case = exported["llama3-tp2-pp2-formattorch"]
+    reference = str(tmp_path / "ref")
+    shutil.copytree(case["hf"], reference)
+    with open(os.path.join(reference, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 128, "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    with open(os.path.join(reference, "config.json")) as f:
+        config = json.load(f)
+    config["custom_note"] = "from the reference folder"
+    with open(os.path.join(reference, "config.json"), "w") as f:
+        json.dump(config, f)
+    out = str(tmp_path / "hf")
+    _export(case["mcore"], out, "--hf-config", reference)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f) == config
+    with open(os.path.join(out, "tokenizer_config.json")) as f:
+        assert json.load(f)["model_max_length"] == 128

@@ -6,13 +6,13 @@ shapes, offsets, in the planner's order) first, then each tensor's bytes, hashed
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 
 import torch
 
+from ..manifest import FILE_HASH, new_file_hasher
 from ..safetensors_index import DTYPE_SIZES
 
 # Files a reference HF folder contributes with --hf-config (besides config.json).
@@ -33,9 +33,9 @@ def _header(entries: list[tuple[str, str, tuple]]) -> bytes:
 
 
 def write_file(path: str, tensors: list[tuple[str, str, torch.Tensor]]) -> dict:
-    """Write one safetensors file from (name, dtype, tensor); returns {size, sha256}, after fsync."""
+    """Write one safetensors file from (name, dtype, tensor); returns {size, <file hash>}, after fsync."""
     raw = _header([(n, d, tuple(t.shape)) for n, d, t in tensors])
-    digest = hashlib.sha256()
+    digest = new_file_hasher()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         for chunk in (len(raw).to_bytes(8, "little"), raw):
@@ -48,7 +48,7 @@ def write_file(path: str, tensors: list[tuple[str, str, torch.Tensor]]) -> dict:
         f.flush()
         os.fsync(f.fileno())
         size = f.tell()
-    return {"size": size, "sha256": digest.hexdigest()}
+    return {"size": size, FILE_HASH: digest.hexdigest()}
 
 
 def write_index(folder: str, weight_map: dict[str, str], total_size: int) -> None:

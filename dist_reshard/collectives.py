@@ -100,28 +100,6 @@ def exchange_flat(send_buf: torch.Tensor, send_splits: list[int], recv_splits: l
     return recv_buf
 
 
-def exchange(sends: dict[int, torch.Tensor], recv_bytes: dict[int, int], device: torch.device) -> dict[int, torch.Tensor]:
-    """All-to-all of flat uint8 buffers: sends[d] goes to rank d; returns what each source rank sent here.
-
-    A convenience over `exchange_flat` (which the conversion uses, packing straight into one buffer):
-    this one concatenates the per-rank buffers. Ranks absent from `sends`/`recv_bytes` exchange nothing."""
-    n = world()
-    me = rank()
-    in_splits = [int(sends[d].numel()) if d in sends else 0 for d in range(n)]
-    out_splits = [int(recv_bytes.get(s, 0)) for s in range(n)]
-    if n == 1:
-        return {me: sends[me]} if me in sends else {}
-    parts = [sends[d].contiguous() for d in range(n) if d in sends and sends[d].numel()]
-    send_buf = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8)
-    recv_buf = exchange_flat(send_buf, in_splits, out_splits, device)
-    out, pos = {}, 0
-    for s, size in enumerate(out_splits):
-        if size:
-            out[s] = recv_buf[pos:pos + size]
-            pos += size
-    return out
-
-
 def shutdown() -> None:
     """Leave together: a rank tearing gloo down while a peer is still inside a collective aborts it."""
     if dist.is_initialized():

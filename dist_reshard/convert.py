@@ -22,13 +22,13 @@ from . import __version__, collectives, faults, manifest
 from .errors import ConversionError
 from .families import family_for
 from .hf_config import read_config
-from .layout import TargetLayout
+from .layout import DTYPE_FLAGS, TargetLayout
 from .megatron_args import megatron_args
 from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import DTYPE_SIZES, index_folder
 from .writers import hf, legacy, torch_dist
-from .dtypes import TORCH_DTYPES
+from .dtypes import DTYPE_NAMES, TORCH_DTYPES
 
 ITERATION_DIR = "iter_0000001"
 
@@ -208,9 +208,9 @@ def _take_containers(view: RankPlan, unit, tensors: dict[int, torch.Tensor]) -> 
 
 
 def _writer_threads(units: int) -> int:
-    """Background writer threads for a rank: its share of the host's CPUs (torch.save's CRC, the SHA-256
-    and the kernel copies run without the GIL, so files written side by side do go faster), at most 4,
-    at least 1, never more than its files."""
+    """Background writer threads for a rank: its share of the host's CPUs (torch.save's serialisation, the
+    file hash and the kernel copies run without the GIL, so files written side by side do go faster), at
+    most 4, at least 1, never more than its files."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -220,7 +220,7 @@ def _writer_threads(units: int) -> int:
 
 
 class _BackgroundWriter:
-    """Writes legacy files on background threads, taken in the order they are submitted, while the main
+    """Writes legacy or HF files on background threads, taken in the order they are submitted, while the main
     thread goes on reading and exchanging; each file's tensors are dropped once it is written. The first
     failure is kept in `error` (later files are skipped) for the main thread to agree on; `busy_s` is
     the time spent writing, summed over the writer threads."""
@@ -380,9 +380,6 @@ def run(opts: Options) -> dict:
     return _finish(report, plan, opts, dry_run=False)
 
 
-_ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-
-
 def _decode(item, raw: torch.Tensor, index: dict) -> torch.Tensor:
     """A torch_dist chunk's torch.save blob -> its data bytes (row-major), checked against the metadata."""
     import io
@@ -394,7 +391,7 @@ def _decode(item, raw: torch.Tensor, index: dict) -> torch.Tensor:
         raise ConversionError(f"{item.file}: chunk {item.source} is not a readable torch.save blob "
                               f"({e.__class__.__name__})") from None
     data = t.contiguous().view(-1).view(torch.uint8)
-    if data.numel() != src.data_bytes or _ST_DTYPES.get(t.dtype) != src.dtype:
+    if data.numel() != src.data_bytes or DTYPE_NAMES.get(t.dtype) != src.dtype:
         raise ConversionError(f"{item.file}: chunk {item.source} holds {t.dtype} {list(t.shape)}, the metadata "
                               f"says {src.dtype} {list(src.shape)}")
     return data
@@ -406,8 +403,7 @@ def _output_args(opts: Options, plan: Plan, cfg, family, source):
     qk_norm = any("q_layernorm" in t.key for t in plan.targets)
     source_dtype = cfg.dtype
     if source is not None:
-        source_dtype = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(
-            next(iter(source.logical.values())).dtype)
+        source_dtype = DTYPE_FLAGS.get(next(iter(source.logical.values())).dtype)
     args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, source_dtype, qk_norm, qkv_bias)
     if source is not None:
         for k, v in vars(source.args).items():  # training flags and the stored HF config travel along
@@ -419,16 +415,15 @@ def _output_args(opts: Options, plan: Plan, cfg, family, source):
 def _write_hf_metadata(opts: Options, plan: Plan, cfg, family, source, staging: str) -> list[str]:
     """Rank 0, HF output: the shard index (when there are several files) and config/tokenizer files."""
     from .hf_export import hf_config
-
-    from .rank_plan import _build_hf_targets
+    from .rank_plan import build_hf_targets
 
     # The whole file set, also when a resumed plan covers only the files still missing.
-    pairs, paths = _build_hf_targets(source.logical, cfg, opts.layout)
+    pairs, paths = build_hf_targets(source.logical, cfg, opts.layout)
     names = []
     if paths != ["model.safetensors"]:
         hf.write_index(staging, {t.key: paths[k[0]] for k, t in pairs}, sum(t.nbytes for _, t in pairs))
         names.append("model.safetensors.index.json")
-    dtype = opts.layout.dtype or {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}.get(pairs[0][1].dtype)
+    dtype = opts.layout.dtype or DTYPE_FLAGS.get(pairs[0][1].dtype)
     names += hf.write_config(staging, hf_config(source.args, cfg, family.name, dtype, opts.hf_config), opts.hf_config)
     return names
 
@@ -444,7 +439,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     hf_out = opts.layout.ckpt_format == "hf"
     args = None if hf_out else _output_args(opts, plan, cfg, family, source)
 
-    # Legacy files are written on background threads as soon as the last bucket that fills them has
+    # Legacy and HF files are written on background threads as soon as the last bucket that fills them has
     # landed, while later buckets are read and exchanged; their tensors are freed once written.
     written: list[dict] = []
     writer, due = None, {}
@@ -453,7 +448,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             digest: dict = {}  # hashed while the file streams out: not read back
             path = os.path.join(staging, unit.path)
             if hf_out:
-                digest.update(hf.write_file(path, [(k, _ST_DTYPES[v.dtype], v) for k, v in containers[None].items()]))
+                digest.update(hf.write_file(path, [(k, DTYPE_NAMES[v.dtype], v) for k, v in containers[None].items()]))
             else:
                 legacy.write_file(path, containers, args, digest=digest)
             written.append(manifest.record_done(staging, unit.path, key, digest=digest))

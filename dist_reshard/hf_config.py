@@ -49,6 +49,12 @@ class ModelConfig:
         return bool(self.moe_layers) and self.moe_layers[layer]
 
     @property
+    def layers_alike(self) -> bool:
+        """Every layer has the same modules (all dense or all MoE): Megatron's torch_dist then stacks the
+        layers on a leading axis; otherwise it keys each layer `decoder.layers.{g}.`."""
+        return len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
+
+    @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 

@@ -11,6 +11,7 @@ from .mapping import padded_vocab_size
 CKPT_FORMATS = ("torch_dist", "torch")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+DTYPE_FLAGS = {v: k for k, v in DTYPES.items()}  # safetensors name -> --dtype value
 
 
 @dataclass(frozen=True)
@@ -107,10 +108,14 @@ class TargetLayout:
                     placement[first + j] = (p, v, j)
         return placement
 
-    def legacy_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0, iteration: int = 1) -> str:
+    def legacy_rank_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+        """A rank file's path inside the iteration folder."""
         name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "") + (
             f"_{ep_rank:03d}" if self.ep > 1 else "")
-        return f"iter_{iteration:07d}/{name}/model_optim_rng.pt"
+        return f"{name}/model_optim_rng.pt"
+
+    def legacy_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0, iteration: int = 1) -> str:
+        return f"iter_{iteration:07d}/{self.legacy_rank_file(tp_rank, pp_rank, ep_rank)}"
 
     def container(self, chunk: int) -> str:
         return f"model{chunk}" if self.vpp else "model"

@@ -21,8 +21,8 @@ from .errors import ConversionError
 from .families import family_for
 from .hf_config import ModelConfig, read_config
 from .layout import TargetLayout
-from .mapping import Kind, Rule, blocks, full_shape, hf_shapes
-from .rank_plan import IGNORED_SUFFIXES, ReadItem, _instances
+from .mapping import Kind, Rule, blocks, full_shape, hf_shapes, instances
+from .rank_plan import IGNORED_SUFFIXES, ReadItem
 from .reader import RangeReader
 from .safetensors_index import index_folder
 from .dtypes import TORCH_DTYPES
@@ -138,7 +138,7 @@ class MegatronCheckpoint:
                 continue
             if rule.optional and not self._has(rule):
                 continue
-            for layer, expert in _instances(rule, self.config):
+            for layer, expert in instances(rule, self.config):
                 for name in rule.hf_names(layer, expert):
                     self._where[name] = (rule, layer, expert)
 
@@ -214,8 +214,7 @@ class LegacyCheckpoint(MegatronCheckpoint):
 
     def _file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
         layout = TargetLayout(tp=self.tp, pp=self.layout["pp"], ep=self.ep)
-        return os.path.join(self.path, layout.legacy_file(tp_rank, pp_rank, ep_rank).replace(
-            "iter_0000001", os.path.relpath(self.folder, self.path), 1))
+        return os.path.join(self.folder, layout.legacy_rank_file(tp_rank, pp_rank, ep_rank))
 
     def _has(self, rule: Rule) -> bool:
         first = self._load(self.rank_files[0])
@@ -278,7 +277,7 @@ class TorchDistCheckpoint(MegatronCheckpoint):
     def _key(self, rule: Rule, layer: int | None) -> tuple[str, tuple]:
         """The DCP key holding this rule's tensor, and the leading (layer, expert) axes to select on."""
         cfg = self.config
-        stacked = len({cfg.is_moe_layer(i) for i in range(cfg.num_layers)}) == 1
+        stacked = cfg.layers_alike
         keys = [rule.torch_dist_key(impl, None if (stacked or layer is None) else layer)
                 for impl in ("transformer_engine", "local")]
         key = next((k for k in keys if k in self.meta.state_dict_metadata), keys[0])

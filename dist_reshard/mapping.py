@@ -81,6 +81,13 @@ def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
     return Rule(megatron, names, kind, **kw)
 
 
+def instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None]]:
+    """(global layer, global expert) of every tensor set a rule stands for in this model."""
+    layers = [i for i in range(cfg.num_layers) if rule.applies(cfg, i)] if rule.per_layer else [None]
+    experts = range(cfg.num_experts) if rule.expert else [None]
+    return [(i, e) for i in layers for e in experts]
+
+
 @dataclass(frozen=True)
 class Family:
     name: str

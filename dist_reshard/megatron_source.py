@@ -21,19 +21,18 @@ from argparse import Namespace
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .dtypes import DTYPE_NAMES
 from .errors import ConversionError
 from .families import family_for
 from .hf_config import ModelConfig
 from .layout import TargetLayout
-from .mapping import Family, Kind, blocks, full_shape, hf_shapes
+from .mapping import Family, Kind, blocks, full_shape, hf_shapes, instances
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 _STORAGE_DTYPES = {"FloatStorage": "F32", "BFloat16Storage": "BF16", "HalfStorage": "F16",
                    "DoubleStorage": "F64", "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16",
                    "CharStorage": "I8", "ByteStorage": "U8", "BoolStorage": "BOOL",
                    "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2"}
-_TORCH_DTYPE_NAMES = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16",
-                      "torch.float64": "F64", "torch.float8_e4m3fn": "F8_E4M3", "torch.float8_e5m2": "F8_E5M2"}
 
 
 @dataclass(frozen=True)
@@ -188,12 +187,6 @@ def source_layout(args: Namespace, fmt: str, impl: str, grouped: bool) -> Target
                         make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128) or 128)
 
 
-def _instances(rule, cfg):
-    from .rank_plan import _instances as inst
-
-    return inst(rule, cfg)
-
-
 def _logical_tensor(name: str, shape: tuple[int, ...], dtype: str) -> SourceTensor:
     return SourceTensor(name, "", dtype, shape, 0, math.prod(shape) * DTYPE_SIZES[dtype])
 
@@ -243,9 +236,8 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
         layout.validate(cfg)
     except ConversionError as e:
         raise ConversionError(f"{rank_files[0]}: the checkpoint's own args are inconsistent: {e}") from None
-    expected = {os.path.join(path, layout.legacy_file(t, p, k)).replace(
-        "iter_0000001", os.path.relpath(folder, path), 1)
-        for t in range(layout.tp) for p in range(layout.pp) for k in range(layout.ep)}
+    expected = {os.path.join(folder, layout.legacy_rank_file(t, p, k))
+                for t in range(layout.tp) for p in range(layout.pp) for k in range(layout.ep)}
     missing = sorted(expected - set(rank_files))
     if missing:
         raise ConversionError(f"{missing[0]}: rank file missing ({len(missing)} of {len(expected)} missing for "
@@ -280,7 +272,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
                                      for j in range(cfg.num_layers)):
             continue
         tp = layout.expert_tp if rule.expert else layout.tp
-        for i, e in _instances(rule, cfg):
+        for i, e in instances(rule, cfg):
             names = rule.hf_names(i, e)
             if i is None:
                 p, v, j = (0, 0, None) if rule.megatron.startswith("embedding.") else (layout.pp - 1,
@@ -291,8 +283,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
             key = rule.name(impl, grouped).format(i=j, e=local)
             dtype = None
             for r in ([0] if rule.kind is Kind.REPLICATED else range(tp)):
-                file = os.path.join(path, layout.legacy_file(r, p, ep_rank)).replace(
-                    "iter_0000001", os.path.relpath(folder, path), 1)
+                file = os.path.join(folder, layout.legacy_rank_file(r, p, ep_rank))
                 t = stored_tensor(file, layout.container(v), key)
                 dtype = t.dtype
                 _add_covers(covers, rule, names, cfg, tp, r, padded, t.name, t.shape, file)
@@ -326,7 +317,7 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
     family = family_for(cfg.architecture, f"{common_path} (args)")
     tensors = {k: m for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     layout = source_layout(args, "torch_dist", "transformer_engine", False)
-    stacked = len({cfg.is_moe_layer(i) for i in range(cfg.num_layers)}) == 1
+    stacked = cfg.layers_alike
     storage = {(idx.fqn, tuple(idx.offset)): info for idx, info in md.storage_data.items() if idx.offset is not None}
     files = sorted({os.path.join(folder, info.relative_path) for info in storage.values()})
     for f in files:
@@ -339,7 +330,7 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
     for rule in family.rules:
         if rule.tied_to and cfg.tie_word_embeddings:
             continue
-        for i, e in _instances(rule, cfg):
+        for i, e in instances(rule, cfg):
             layer_key = None if (stacked or i is None) else i
             # The local spec keys a MoE layer's pre-MLP norm differently; take whichever was written.
             key = next((k for k in (rule.torch_dist_key(impl, layer_key) for impl in ("transformer_engine", "local"))
@@ -362,7 +353,7 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
             if tuple(meta.size[len(lead):]) != expected:
                 raise ConversionError(f"{folder}: tensor {key!r} has global shape {list(meta.size)}, but the "
                                       f"checkpoint's args imply {list(expected)} after {len(lead)} leading axes")
-            dtype = _TORCH_DTYPE_NAMES.get(str(meta.properties.dtype))
+            dtype = DTYPE_NAMES.get(meta.properties.dtype)
             if dtype is None:
                 raise ConversionError(f"{folder}: tensor {key!r} has unsupported dtype {meta.properties.dtype}")
             for chunk in meta.chunks:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .errors import ConversionError
 from .hf_config import ModelConfig
 from .layout import DTYPES, TargetLayout
-from .mapping import Family, Kind, Piece, Rule, blocks, full_shape, hf_shapes
+from .mapping import Family, Kind, Piece, Rule, blocks, full_shape, hf_shapes, instances
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -210,13 +210,6 @@ class Plan:
 # Targets: what the output holds, as pieces of source tensors.
 
 
-def _instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None]]:
-    """(global layer, global expert) of every tensor set a rule stands for in this model."""
-    layers = [i for i in range(cfg.num_layers) if rule.applies(cfg, i)] if rule.per_layer else [None]
-    experts = range(cfg.num_experts) if rule.expert else [None]
-    return [(i, e) for i in layers for e in experts]
-
-
 def _stray_expert(name: str, family: Family, cfg: ModelConfig) -> str | None:
     """Why an unmapped tensor is there, when it is an expert the config does not declare."""
     for rule in family.rules:
@@ -238,11 +231,11 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         if rule.tied_to and cfg.tie_word_embeddings:
             rules.append(rule)
             continue
-        instances = _instances(rule, cfg)
-        present = [all(n in index for n in rule.hf_names(i, e)) for i, e in instances]
-        if not instances or (rule.optional and not any(present)):
+        sets = instances(rule, cfg)
+        present = [all(n in index for n in rule.hf_names(i, e)) for i, e in sets]
+        if not sets or (rule.optional and not any(present)):
             continue
-        for (i, e), ok in zip(instances, present):
+        for (i, e), ok in zip(sets, present):
             if not ok:
                 missing = next(n for n in rule.hf_names(i, e) if n not in index)
                 why = f"; config.json declares {cfg.num_experts} experts" if rule.expert else ""
@@ -284,8 +277,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
     by_name = {r.megatron: r for r in rules}
     legacy = layout.ckpt_format == "torch"
     impl = layout.transformer_impl
-    # Megatron stacks layers on a leading torch_dist axis only when every layer has the same modules.
-    stacked = len({cfg.is_moe_layer(i) for i in range(cfg.num_layers)}) == 1
+    stacked = cfg.layers_alike
     experts_per_rank = cfg.num_experts // layout.ep if cfg.num_experts else 0
     out: list[tuple[tuple, Target]] = []
 
@@ -319,7 +311,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         else:
             hf_rule = rule
         tp = layout.expert_tp if rule.expert else layout.tp
-        for i, e in _instances(rule, cfg):
+        for i, e in instances(rule, cfg):
             names = hf_rule.hf_names(i, e)
             _check_shapes(hf_rule, names, index, cfg)
             if i is None:
@@ -545,7 +537,7 @@ def _hf_order(name: str) -> tuple:
     return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
 
 
-def _build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout) -> tuple[list, list[str]]:
+def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
     than that gets a file of its own), as save_pretrained does."""
     names = sorted(logical, key=_hf_order)
@@ -581,7 +573,7 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     family.check(cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = _build_hf_targets(index, cfg, layout)
+        pairs, hf_paths = build_hf_targets(index, cfg, layout)
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         pairs = _build_targets(family, index, cfg, layout, padded_vocab)

@@ -20,14 +20,14 @@ import torch
 
 from . import __version__, collectives, faults, manifest
 from .errors import ConversionError
-from .families import family_for
-from .hf_config import read_config
+from .hf_source import open_hf_folder
 from .layout import DTYPE_FLAGS, TargetLayout
 from .megatron_args import megatron_args
 from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
-from .safetensors_index import DTYPE_SIZES, index_folder
+from .safetensors_index import DTYPE_SIZES
 from .writers import hf, legacy, torch_dist
+from .decode import decode
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES
 
 ITERATION_DIR = "iter_0000001"
@@ -94,9 +94,7 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
         source = open_source(opts.load)
         cfg, family, index = source.config, source.family, source.logical
     else:
-        cfg = read_config(opts.load)
-        family = family_for(cfg.architecture, os.path.join(opts.load, "config.json"))
-        index = index_folder(opts.load)
+        cfg, family, index = open_hf_folder(opts.load)
     plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
                      skip_paths=skip_paths, source=source)
     return plan, cfg, family, index, source
@@ -380,23 +378,6 @@ def run(opts: Options) -> dict:
     return _finish(report, plan, opts, dry_run=False)
 
 
-def _decode(item, raw: torch.Tensor, index: dict) -> torch.Tensor:
-    """A torch_dist chunk's torch.save blob -> its data bytes (row-major), checked against the metadata."""
-    import io
-
-    src = index[item.source]
-    try:
-        t = torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - a corrupt chunk is reported by file and tensor
-        raise ConversionError(f"{item.file}: chunk {item.source} is not a readable torch.save blob "
-                              f"({e.__class__.__name__})") from None
-    data = t.contiguous().view(-1).view(torch.uint8)
-    if data.numel() != src.data_bytes or DTYPE_NAMES.get(t.dtype) != src.dtype:
-        raise ConversionError(f"{item.file}: chunk {item.source} holds {t.dtype} {list(t.shape)}, the metadata "
-                              f"says {src.dtype} {list(src.shape)}")
-    return data
-
-
 def _output_args(opts: Options, plan: Plan, cfg, family, source):
     """Megatron args of the output; from a Megatron source, its own args carried over with the new layout."""
     qkv_bias = any(t.key.endswith("linear_qkv.bias") for t in plan.targets)
@@ -415,10 +396,10 @@ def _output_args(opts: Options, plan: Plan, cfg, family, source):
 def _write_hf_metadata(opts: Options, plan: Plan, cfg, family, source, staging: str) -> list[str]:
     """Rank 0, HF output: the shard index (when there are several files) and config/tokenizer files."""
     from .hf_export import hf_config
-    from .rank_plan import build_hf_targets
+    from .rank_plan import build_hf_targets, fixed_dtypes
 
     # The whole file set, also when a resumed plan covers only the files still missing.
-    pairs, paths = build_hf_targets(source.logical, cfg, opts.layout)
+    pairs, paths = build_hf_targets(source.logical, cfg, opts.layout, fixed_dtypes(family, cfg))
     names = []
     if paths != ["model.safetensors"]:
         hf.write_index(staging, {t.key: paths[k[0]] for k, t in pairs}, sum(t.nbytes for _, t in pairs))
@@ -468,9 +449,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         try:
             faults.maybe_fail(me, "read")
             for item in view.reads[b]:
-                data[item.index] = reader.read(item)
-                if item.encoding is not None:
-                    data[item.index] = _decode(item, data[item.index], index)
+                data[item.index] = decode(item, reader.read(item), index)
         except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
             err = e
         return data, err, reader.bytes_read, time.perf_counter() - start

@@ -44,6 +44,20 @@ class ModelConfig:
     shared_expert_ffn_hidden_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: tuple[bool, ...] = ()
+    # DeepSeek-style routing: sigmoid scores, a selection-only bias per expert, group-limited top-k, a
+    # constant scale on the combined weights.
+    router_score: str = "softmax"  # "softmax" | "sigmoid"
+    router_expert_bias: bool = False
+    router_groups: int = 0
+    router_group_topk: int = 0
+    routed_scaling_factor: float = 1.0
+    # Multi-latent attention (kv_lora_rank 0: ordinary attention). q_lora_rank 0: queries from q_proj.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    mtp_layers: int = 0  # multi-token-prediction layers stored after the decoder (model.layers.{L + k}.)
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
@@ -53,6 +67,23 @@ class ModelConfig:
         """Every layer has the same modules (all dense or all MoE): Megatron's torch_dist then stacks the
         layers on a leading axis; otherwise it keys each layer `decoder.layers.{g}.`."""
         return len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def q_lora(self) -> bool:
+        return self.q_lora_rank > 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def flag(self, name: str) -> bool:
+        """A feature a family rule may depend on (`Rule.when`); "!name" is its negation."""
+        negate = name.startswith("!")
+        return bool(getattr(self, name.lstrip("!"))) != negate
 
     @property
     def heads_per_group(self) -> int:
@@ -112,6 +143,7 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
     dtype = cfg.get("dtype", cfg.get("torch_dtype"))
     num_layers = _int(cfg, "num_hidden_layers", path)
     moe = _moe_fields(cfg, path, num_layers)
+    mla = _mla_fields(cfg, path)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     return ModelConfig(
         architecture=archs[0],
@@ -133,6 +165,21 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         sliding_window=window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None,
         raw=cfg,
         **moe,
+        **mla,
+    )
+
+
+def _mla_fields(cfg: dict, path: str) -> dict:
+    """DeepSeek-V2/V3 multi-latent attention and multi-token prediction (Kimi-K2 and Moonlight share them)."""
+    if not cfg.get("kv_lora_rank"):
+        return {}
+    return dict(
+        q_lora_rank=_int(cfg, "q_lora_rank", path, default=0, minimum=0),
+        kv_lora_rank=_int(cfg, "kv_lora_rank", path),
+        qk_nope_head_dim=_int(cfg, "qk_nope_head_dim", path),
+        qk_rope_head_dim=_int(cfg, "qk_rope_head_dim", path),
+        v_head_dim=_int(cfg, "v_head_dim", path),
+        mtp_layers=_int(cfg, "num_nextn_predict_layers", path, default=0, minimum=0),
     )
 
 
@@ -142,7 +189,11 @@ def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
     Mixtral: `num_local_experts`, expert size `intermediate_size`, every layer MoE, top-k renormalised.
     Qwen2/3-MoE: `num_experts` (transformers 5 also writes `num_local_experts`), `moe_intermediate_size`,
     layer i is MoE iff i is not in `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0.
+    DeepSeek-V3: `n_routed_experts`, `n_shared_experts` experts' worth of shared expert, layer i is MoE iff
+    i >= `first_k_dense_replace` and i % `moe_layer_freq` == 0.
     """
+    if cfg.get("n_routed_experts") is not None:
+        return _deepseek_moe_fields(cfg, path, num_layers)
     key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
     experts = _int(cfg, key, path, default=0, minimum=0)
     if not experts:
@@ -161,4 +212,27 @@ def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
         # Mixtral always renormalises the top-k weights; the Qwens only when asked.
         norm_topk_prob=bool(cfg.get("norm_topk_prob", cfg.get("model_type") == "mixtral")),
         moe_layers=tuple(i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)),
+    )
+
+
+def _deepseek_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    experts = _int(cfg, "n_routed_experts", path)
+    ffn = _int(cfg, "moe_intermediate_size", path)
+    first_dense = _int(cfg, "first_k_dense_replace", path, default=0, minimum=0)
+    freq = _int(cfg, "moe_layer_freq", path, default=1)
+    scoring = cfg.get("scoring_func", "sigmoid")
+    if scoring not in ("sigmoid", "softmax"):
+        raise ConversionError(f"{path}: field 'scoring_func' = {scoring!r} is not 'sigmoid' or 'softmax'")
+    return dict(
+        num_experts=experts,
+        moe_ffn_hidden_size=ffn,
+        moe_topk=_int(cfg, "num_experts_per_tok", path),
+        shared_expert_ffn_hidden_size=_int(cfg, "n_shared_experts", path, default=0, minimum=0) * ffn,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        moe_layers=tuple(i >= first_dense and i % freq == 0 for i in range(num_layers)),
+        router_score=scoring,
+        router_expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
+        router_groups=_int(cfg, "n_group", path, default=1),
+        router_group_topk=_int(cfg, "topk_group", path, default=1),
+        routed_scaling_factor=_float(cfg, "routed_scaling_factor", path, 1.0),
     )

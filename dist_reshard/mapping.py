@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 from .errors import ConversionError
 from .hf_config import ModelConfig
@@ -41,6 +42,10 @@ class Rule:
     grouped: str | None = None  # grouped-GEMM name (`--moe-grouped-gemm`) when it differs
     local_dist_key: str | None = None  # torch_dist key of the local spec when it differs from the TE one
     ffn: str = "dense"  # which FFN width its MLP shapes use: "dense", "expert" or "shared"
+    when: str | None = None  # a ModelConfig feature it needs ("q_lora"; "!q_lora" for its absence)
+    shape: Callable[[ModelConfig], list] | None = None  # the HF shapes, where the kind alone cannot tell
+    dtype: str | None = None  # a fixed output dtype whatever --dtype says (float32 routing biases)
+    local_kind: Kind | None = None  # the local spec's split when it differs (MLA's down projections)
 
     @property
     def per_layer(self) -> bool:
@@ -48,6 +53,9 @@ class Rule:
 
     def applies(self, cfg: ModelConfig, layer: int) -> bool:
         return self.where == "all" or cfg.is_moe_layer(layer) == (self.where == "moe")
+
+    def kind_for(self, transformer_impl: str) -> Kind:
+        return self.local_kind if (transformer_impl == "local" and self.local_kind) else self.kind
 
     def name(self, transformer_impl: str, grouped_gemm: bool = False) -> str:
         if grouped_gemm and self.grouped:
@@ -83,6 +91,8 @@ def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
 
 def instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None]]:
     """(global layer, global expert) of every tensor set a rule stands for in this model."""
+    if rule.when and not cfg.flag(rule.when):
+        return []
     layers = [i for i in range(cfg.num_layers) if rule.applies(cfg, i)] if rule.per_layer else [None]
     experts = range(cfg.num_experts) if rule.expert else [None]
     return [(i, e) for i in layers for e in experts]
@@ -181,6 +191,8 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
 
 def hf_shapes(rule: Rule, cfg: ModelConfig) -> list[tuple[int, ...]]:
     """The HF tensors' shapes a rule implies for this config (for checking a source, or rebuilding one)."""
+    if rule.shape is not None:
+        return rule.shape(cfg)
     h, d, v = cfg.hidden_size, cfg.kv_channels, cfg.vocab_size
     f = {"dense": cfg.ffn_hidden_size, "expert": cfg.moe_ffn_hidden_size,
          "shared": cfg.shared_expert_ffn_hidden_size}[rule.ffn]

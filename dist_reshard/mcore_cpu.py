@@ -44,6 +44,10 @@ def apply_cpu_patches() -> None:
         moe_utils.te_general_gemm = None
     except ImportError:  # pragma: no cover - MoE package always ships with mcore 0.16
         pass
+    # MLA reads True here without TransformerEngine installed, then reaches for TE modules.
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
     _PATCHED = True
 
 
@@ -70,10 +74,42 @@ def init_parallel(tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: in
     torch.manual_seed(seed)
 
 
-def _transformer_config(args: Namespace):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+class CPUCoreAttention(torch.nn.Module):
+    """Causal softmax attention on [s, b, heads, dim] inputs, for MLA layers on CPU: the local spec's
+    DotProductAttention takes no separate k/v head dims, and MLA has no TE here (FORMATS.md section 8)."""
 
-    return TransformerConfig(
+    def __init__(self, config, layer_number, attn_mask_type, attention_type=None, softmax_scale=None,
+                 k_channels=None, v_channels=None, **_):
+        super().__init__()
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, **_):
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, dim]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def _transformer_config(args: Namespace):
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+
+    if getattr(args, "multi_latent_attention", False):
+        return MLATransformerConfig(**_common_config(args), **_mla_config(args))
+    return TransformerConfig(**_common_config(args))
+
+
+def _mla_config(args: Namespace) -> dict:
+    return dict(
+        q_lora_rank=args.q_lora_rank, kv_lora_rank=args.kv_lora_rank, qk_head_dim=args.qk_head_dim,
+        qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim, rope_type=args.rope_type,
+        rotary_base=args.rotary_base, rotary_scaling_factor=args.rotary_scaling_factor, mscale=args.mscale,
+        mscale_all_dim=args.mscale_all_dim, beta_fast=args.beta_fast, beta_slow=args.beta_slow,
+        original_max_position_embeddings=args.original_max_position_embeddings,
+    )
+
+
+def _common_config(args: Namespace) -> dict:
+    return dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -123,6 +159,9 @@ def _moe_config(args: Namespace) -> dict:
         moe_token_dispatcher_type="allgather",  # alltoall needs CUDA streams (FORMATS.md section 8)
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+        **{k: getattr(args, k) for k in ("moe_router_enable_expert_bias", "moe_router_num_groups",
+                                         "moe_router_group_topk", "moe_router_topk_scaling_factor",
+                                         "moe_router_dtype") if getattr(args, k, None) is not None},
     )
 
 
@@ -138,10 +177,13 @@ def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
     models = []
     for v in range(vpp or 1):
         vp_stage = v if vpp else None
-        if getattr(args, "num_experts", None):
+        if getattr(args, "num_experts", None) or getattr(args, "multi_latent_attention", False):
             # The block spec places MoE and dense layers by moe_layer_freq for this stage.
             spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, vp_stage=vp_stage,
                                               pp_rank=ps.get_pipeline_model_parallel_rank())
+            if getattr(args, "multi_latent_attention", False):
+                for layer_spec in spec.layer_specs:
+                    layer_spec.submodules.self_attention.submodules.core_attention = CPUCoreAttention
         else:
             spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
         model = GPTModel(

@@ -23,7 +23,7 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
     scaling = cfg.rope_scaling or {}
     llama3_scaling = scaling.get("rope_type", scaling.get("type")) == "llama3"
     per_stage = cfg.num_layers // layout.pp
-    return Namespace(
+    args = Namespace(
         # Architecture.
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -77,10 +77,13 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         consumed_train_samples=0,
         consumed_valid_samples=0,
         hf_architecture=cfg.architecture,
-        hf_config=dict(cfg.raw) or None,  # the way back writes it as config.json
+        # The way back writes it as config.json; the weights are no longer FP8-quantized once converted.
+        hf_config={k: v for k, v in cfg.raw.items() if k != "quantization_config"} or None,
         hf_model_type=cfg.model_type,
         model_family=family,
     )
+    vars(args).update(_mla_args(cfg))  # MLA replaces some of the attention fields above
+    return args
 
 
 def _moe_args(cfg: ModelConfig, layout: TargetLayout) -> dict:
@@ -96,6 +99,17 @@ def _moe_args(cfg: ModelConfig, layout: TargetLayout) -> dict:
         return dict(num_experts=None)
     pattern = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
     shared = cfg.shared_expert_ffn_hidden_size or None
+    if cfg.router_score == "sigmoid":
+        # DeepSeek-V3: sigmoid scores, group-limited top-k chosen with a per-expert bias, weights renormalised
+        # over the k (Megatron always does for sigmoid) and scaled; the router runs in float32 as in HF.
+        sigmoid = dict(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+                       moe_router_enable_expert_bias=cfg.router_expert_bias,
+                       moe_router_num_groups=cfg.router_groups if cfg.router_groups > 1 else None,
+                       moe_router_group_topk=cfg.router_group_topk if cfg.router_groups > 1 else None,
+                       moe_router_topk_scaling_factor=cfg.routed_scaling_factor, moe_router_dtype="fp32",
+                       moe_shared_expert_gate=False)
+    else:
+        sigmoid = {}
     return dict(
         num_experts=cfg.num_experts,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
@@ -110,4 +124,35 @@ def _moe_args(cfg: ModelConfig, layout: TargetLayout) -> dict:
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=float(cfg.raw.get("router_aux_loss_coef", 0.0) or 0.0),
         moe_token_dispatcher_type="alltoall",
+    ) | sigmoid
+
+
+def _mla_args(cfg: ModelConfig) -> dict:
+    """Multi-latent attention. RoPE: HF's DeepSeek-V3 de-interleaves the rotary half of q and k
+    (`rope_interleave`), which Megatron's MLA always does; YaRN scaling maps onto Megatron's own fields."""
+    if not cfg.mla:
+        return {}
+    scaling = cfg.rope_scaling or {}
+    yarn = scaling.get("rope_type", scaling.get("type")) == "yarn"
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=cfg.q_lora_rank or None,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_head_dim=cfg.qk_nope_head_dim,
+        qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        qk_layernorm=True,  # the q/kv latent norms
+        group_query_attention=False,
+        num_query_groups=cfg.num_attention_heads,
+        kv_channels=cfg.qk_head_dim,
+        rope_type="yarn" if yarn else "rope",
+        rotary_scaling_factor=float(scaling.get("factor", 1.0)),
+        mscale=float(scaling.get("mscale", 1.0)),
+        mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)),
+        beta_fast=float(scaling.get("beta_fast", 32.0)),
+        beta_slow=float(scaling.get("beta_slow", 1.0)),
+        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings",
+                                                          cfg.max_position_embeddings)),
+        use_rope_scaling=False,
+        mtp_num_layers=None,
     )

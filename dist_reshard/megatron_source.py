@@ -15,6 +15,7 @@ import glob
 import math
 import os
 import pickle
+import re
 import struct
 import zipfile
 from argparse import Namespace
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from .dtypes import DTYPE_NAMES
 from .errors import ConversionError
 from .families import family_for
-from .hf_config import ModelConfig
+from .hf_config import ModelConfig, config_from_dict
 from .layout import TargetLayout
 from .mapping import Family, Kind, blocks, full_shape, hf_shapes, instances
 from .safetensors_index import DTYPE_SIZES, SourceTensor
@@ -168,9 +169,48 @@ def iteration_dir(path: str) -> str:
                           f"folder, metadata.json or mp_rank_* files)")
 
 
-def config_from_args(args: Namespace, where: str) -> ModelConfig:
-    from .logical import _config_from_args
+def _config_from_args(args: Namespace) -> ModelConfig:
+    """The HF config an HF -> Megatron conversion stored in the args, else one rebuilt from Megatron's flags."""
+    stored = getattr(args, "hf_config", None)
+    if isinstance(stored, dict) and stored.get("architectures"):
+        try:
+            cfg = config_from_dict(stored, "args.hf_config")
+        except ConversionError:
+            cfg = None
+        # Only while the args still describe that model: the args are what Megatron itself goes by.
+        if cfg is not None and (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads,
+                                cfg.ffn_hidden_size, cfg.num_experts, cfg.moe_ffn_hidden_size) == (
+                getattr(args, "hf_architecture", None), args.num_layers, args.hidden_size, args.num_attention_heads,
+                args.ffn_hidden_size, getattr(args, "num_experts", None) or 0,
+                getattr(args, "moe_ffn_hidden_size", None) or 0 if cfg.num_experts else 0):
+            return cfg
+    arch = getattr(args, "hf_architecture", None)
+    if not arch:  # a checkpoint from another tool: the features decide the closest dense family
+        arch = ("Qwen3ForCausalLM" if getattr(args, "qk_layernorm", False) else
+                "Qwen2ForCausalLM" if getattr(args, "add_qkv_bias", False) else "LlamaForCausalLM")
+    heads = args.num_attention_heads
+    experts = getattr(args, "num_experts", None) or 0
+    moe = {}
+    if experts:
+        freq = getattr(args, "moe_layer_freq", 1)
+        pattern = [bool(x) for x in freq] if isinstance(freq, list) else [i % freq == 0 for i in range(args.num_layers)]
+        moe = dict(num_experts=experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_topk=args.moe_router_topk,
+                   shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
+                   norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False), moe_layers=tuple(pattern))
+    return ModelConfig(
+        architecture=arch, model_type=getattr(args, "hf_model_type", ""), num_layers=args.num_layers,
+        hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=heads,
+        num_query_groups=getattr(args, "num_query_groups", None) or heads,
+        kv_channels=getattr(args, "kv_channels", None) or args.hidden_size // heads,
+        vocab_size=getattr(args, "true_vocab_size", None) or args.padded_vocab_size,
+        max_position_embeddings=getattr(args, "max_position_embeddings", 4096),
+        norm_epsilon=getattr(args, "norm_epsilon", 1e-6), rope_theta=getattr(args, "rotary_base", 10000.0),
+        rope_scaling=getattr(args, "hf_rope_scaling", None),
+        tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", True),
+        attention_bias=getattr(args, "add_qkv_bias", False), dtype=None, sliding_window=None, raw={}, **moe)
 
+
+def config_from_args(args: Namespace, where: str) -> ModelConfig:
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                   "tensor_model_parallel_size", "pipeline_model_parallel_size", "padded_vocab_size"):
         if not isinstance(getattr(args, field, None), int):
@@ -191,11 +231,11 @@ def _logical_tensor(name: str, shape: tuple[int, ...], dtype: str) -> SourceTens
     return SourceTensor(name, "", dtype, shape, 0, math.prod(shape) * DTYPE_SIZES[dtype])
 
 
-def _add_covers(covers, rule, names, cfg, tp, r, padded_vocab, stored_name, stored_shape, where):
+def _add_covers(covers, rule, impl, names, cfg, tp, r, padded_vocab, stored_name, stored_shape, where):
     """Covers of one legacy shard (TP rank r's blocks stacked on dim 0), checked against its stored shape."""
     shapes = hf_shapes(rule, cfg)
     row = 0
-    blks = blocks(rule.kind, shapes, names, cfg, tp, r, padded_vocab)
+    blks = blocks(rule.kind_for(impl), shapes, names, cfg, tp, r, padded_vocab)
     expected = (sum(b.shape[0] for b in blks),) + blks[0].shape[1:]
     if tuple(stored_shape) != expected:
         raise ConversionError(f"{where}: tensor {stored_name.rsplit('/', 1)[-1]!r} has shape {list(stored_shape)}, "
@@ -205,6 +245,22 @@ def _add_covers(covers, rule, names, cfg, tp, r, padded_vocab, stored_name, stor
             if p.source is not None:
                 covers[p.source].append(Cover(p.source, p.rows, p.cols, stored_name, row + p.dst_row))
         row += b.shape[0]
+
+
+def _detect_impl(keys: set[str], family: Family) -> str:
+    """Which layer spec wrote these keys: the first rule whose TE and local names differ decides."""
+    def pattern(name: str):
+        return re.compile(re.escape(name).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+"))
+
+    for rule in family.rules:
+        if rule.local and rule.local != rule.megatron:
+            local, te = pattern(rule.local), pattern(rule.megatron)
+            for k in keys:
+                if local.fullmatch(k):
+                    return "local"
+                if te.fullmatch(k):
+                    return "transformer_engine"
+    return "transformer_engine"
 
 
 def _open_legacy(path: str, folder: str) -> MegatronSource:
@@ -228,7 +284,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
                                   f"{first.get('iteration')} (mixed iterations)")
     containers = [k for k in first if k == "model" or (k.startswith("model") and k[5:].isdigit())]
     keys = {k for c in containers for k in first[c]}
-    impl = "local" if any(k.endswith(".input_layernorm.weight") for k in keys) else "transformer_engine"
+    impl = _detect_impl(keys, family)
     grouped = any(".mlp.experts.linear_fc1.weight" in k for f in rank_files for c in containers
                   for k in meta[f][0].get(c, {}))
     layout = source_layout(args, "torch", impl, grouped)
@@ -282,11 +338,11 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
             ep_rank, local = divmod(e, per_ep) if e is not None else (0, None)
             key = rule.name(impl, grouped).format(i=j, e=local)
             dtype = None
-            for r in ([0] if rule.kind is Kind.REPLICATED else range(tp)):
+            for r in ([0] if rule.kind_for(impl) is Kind.REPLICATED else range(tp)):
                 file = os.path.join(folder, layout.legacy_rank_file(r, p, ep_rank))
                 t = stored_tensor(file, layout.container(v), key)
                 dtype = t.dtype
-                _add_covers(covers, rule, names, cfg, tp, r, padded, t.name, t.shape, file)
+                _add_covers(covers, rule, impl, names, cfg, tp, r, padded, t.name, t.shape, file)
             for n, shape in zip(names, hf_shapes(rule, cfg)):
                 logical[n] = _logical_tensor(n, shape, dtype)
     return MegatronSource(path, "torch", args, cfg, family, layout, stored, dict(covers), logical, rank_files)

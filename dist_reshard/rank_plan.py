@@ -23,6 +23,7 @@ from .errors import ConversionError
 from .hf_config import ModelConfig
 from .layout import DTYPES, TargetLayout
 from .mapping import Family, Kind, Piece, Rule, blocks, full_shape, hf_shapes, instances
+from .block_fp8 import scale_rows
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -78,7 +79,15 @@ class ReadItem:
     offset: int  # absolute byte offset in `file`
     nbytes: int
     reader: int
-    encoding: str | None = None  # see SourceTensor.encoding: a blob to decode after reading
+    encoding: str | None = None  # see SourceTensor.encoding: bytes to decode after reading
+    aux: tuple[str, int, int] | None = None  # (file, offset, nbytes) read after the rows: FP8 block scales
+
+    @property
+    def ranges(self) -> list[tuple[str, int, int]]:
+        """The byte ranges this item reads, in buffer order; `nbytes` is their sum."""
+        if self.aux is None:
+            return [(self.file, self.offset, self.nbytes)]
+        return [(self.file, self.offset, self.nbytes - self.aux[2]), self.aux]
 
 
 @dataclass(frozen=True)
@@ -261,7 +270,9 @@ def _check_shapes(rule: Rule, names: tuple[str, ...], index: dict[str, SourceTen
                                   f"config.json implies {list(shape)}")
 
 
-def _output_dtype(layout: TargetLayout, source: SourceTensor) -> str:
+def _output_dtype(layout: TargetLayout, source: SourceTensor, rule: Rule | None = None) -> str:
+    if rule is not None and rule.dtype:
+        return rule.dtype
     return DTYPES[layout.dtype] if layout.dtype else source.dtype
 
 
@@ -283,24 +294,25 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
 
     def add_legacy(unit_key, container, key, rule, names, tp, tp_rank):
         shapes = [index[n].shape for n in names]
-        blks = blocks(rule.kind, shapes, names, cfg, tp, tp_rank, padded_vocab)
+        blks = blocks(rule.kind_for(impl), shapes, names, cfg, tp, tp_rank, padded_vocab)
         pieces, row = [], 0
         for b in blks:
             pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
             row += b.shape[0]
         shape = (row,) + blks[0].shape[1:]
-        out.append((unit_key, Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]]),
+        out.append((unit_key, Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]], rule),
                                      tuple(pieces))))
 
     def add_dist(key, lead_offset, lead_shape, rule, names, tp):
         shapes = [index[n].shape for n in names]
-        full = full_shape(rule.kind, shapes, padded_vocab)
+        kind = rule.kind_for(impl)
+        full = full_shape(kind, shapes, padded_vocab)
         ones = (1,) * len(lead_offset)
-        for r in (range(tp) if rule.kind is not Kind.REPLICATED else [0]):
-            for b in blocks(rule.kind, shapes, names, cfg, tp, r, padded_vocab):
+        for r in (range(tp) if kind is not Kind.REPLICATED else [0]):
+            for b in blocks(kind, shapes, names, cfg, tp, r, padded_vocab):
                 goff = lead_offset + b.offset
                 out.append(((key, goff), Target(-1, -1, None, key, ones + b.shape,
-                                                _output_dtype(layout, index[names[0]]), b.pieces,
+                                                _output_dtype(layout, index[names[0]], rule), b.pieces,
                                                 lead_shape + full, goff, len(lead_offset))))
 
     for rule in rules:
@@ -382,6 +394,20 @@ def _piece_bytes(src: SourceTensor, p: Piece, rows: tuple[int, int]) -> int:
     return (rows[1] - rows[0]) * width
 
 
+def read_item(index: int, src: SourceTensor, rows: tuple[int, int], reader: int) -> ReadItem:
+    """The positional read of rows [a, b) of `src` (a torch.save blob is read whole)."""
+    if src.encoding == "torch_save":
+        return ReadItem(index, src.name, src.file, (0, src.rows), src.offset, src.nbytes, reader, src.encoding)
+    nbytes = (rows[1] - rows[0]) * src.stored_row_bytes
+    aux = None
+    if src.scale is not None:
+        lo, hi = scale_rows(src, rows)
+        aux = (src.scale.file, src.scale.offset + lo * src.scale.row_bytes, (hi - lo) * src.scale.row_bytes)
+        nbytes += aux[2]
+    return ReadItem(index, src.name, src.file, rows, src.offset + rows[0] * src.stored_row_bytes, nbytes, reader,
+                    src.encoding, aux)
+
+
 def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, SourceTensor], world: int,
                 max_item_bytes: int) -> tuple[list[ReadItem], list[Transfer]]:
     uses: dict[str, list[tuple[Piece, Target]]] = defaultdict(list)
@@ -396,7 +422,7 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
     for name in sorted(uses, key=lambda n: (index[n].file, index[n].offset)):
         src = index[name]
         pieces = uses[name]
-        if src.encoding is not None:  # a torch.save blob (torch_dist chunk): one read of the whole blob
+        if src.encoding == "torch_save":  # a torch_dist chunk: one read of the whole blob
             runs.append((src, (0, src.rows), pieces))
             continue
         cuts = sorted({b for p, _ in pieces for b in p.rows})
@@ -412,7 +438,7 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
                 runs.append((src, (a, min(hi, a + rows_cap)), covering))
 
     def run_bytes(src: SourceTensor, rows: tuple[int, int]) -> int:
-        return src.nbytes if src.encoding is not None else (rows[1] - rows[0]) * src.row_bytes
+        return read_item(-1, src, rows, 0).nbytes
 
     total = sum(run_bytes(r[0], r[1]) for r in runs)
     biggest = max((run_bytes(r[0], r[1]) for r in runs), default=0)
@@ -438,8 +464,7 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             reader = r
         load[reader] += nbytes
         heapq.heappush(heap, (load[reader], reader))
-        item = ReadItem(len(items), src.name, src.file, rows, src.offset + rows[0] * src.row_bytes, nbytes, reader,
-                        src.encoding)
+        item = read_item(len(items), src, rows, reader)
         items.append(item)
         for p, t in covering:
             lo, hi = max(rows[0], p.rows[0]), min(rows[1], p.rows[1])
@@ -537,7 +562,13 @@ def _hf_order(name: str) -> tuple:
     return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
 
 
-def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout) -> tuple[list, list[str]]:
+def fixed_dtypes(family: Family, cfg: ModelConfig) -> dict[str, str]:
+    """HF tensors whose dtype no --dtype changes (a rule's own `dtype`)."""
+    return {n: r.dtype for r in family.rules if r.dtype for i, e in instances(r, cfg) for n in r.hf_names(i, e)}
+
+
+def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
+                     fixed: dict[str, str] | None = None) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
     than that gets a file of its own), as save_pretrained does."""
     names = sorted(logical, key=_hf_order)
@@ -545,7 +576,7 @@ def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout)
     size = 0
     for n in names:
         t = logical[n]
-        dtype = DTYPES[layout.dtype] if layout.dtype else t.dtype
+        dtype = (fixed or {}).get(n) or (DTYPES[layout.dtype] if layout.dtype else t.dtype)
         target = Target(-1, -1, None, n, t.shape, dtype, (Piece(n, (0, t.rows), None, 0),))
         if files[-1] and size + target.nbytes > layout.max_shard_bytes:
             files.append([])
@@ -573,7 +604,7 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     family.check(cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = build_hf_targets(index, cfg, layout)
+        pairs, hf_paths = build_hf_targets(index, cfg, layout, fixed_dtypes(family, cfg))
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         pairs = _build_targets(family, index, cfg, layout, padded_vocab)

@@ -30,22 +30,28 @@ class RangeReader:
         return fd
 
     def read(self, item: ReadItem) -> torch.Tensor:
-        """The item's bytes as a flat uint8 tensor."""
+        """The item's bytes (each of its ranges, one after the other) as a flat uint8 tensor."""
         buf = torch.empty(item.nbytes, dtype=torch.uint8)  # uninitialised: preadv fills every byte or we raise
         view = memoryview(buf.numpy())
-        fd = self._fd(item.file)
+        pos = 0
+        for path, offset, nbytes in item.ranges:
+            self._read_range(path, offset, view[pos:pos + nbytes], item.source)
+            pos += nbytes
+        return buf
+
+    def _read_range(self, path: str, offset: int, view: memoryview, tensor: str) -> None:
+        fd = self._fd(path)
         done = 0
-        while done < item.nbytes:
+        while done < len(view):
             try:
-                n = os.preadv(fd, [view[done:]], item.offset + done)
+                n = os.preadv(fd, [view[done:]], offset + done)
             except OSError as e:
-                raise ConversionError(f"{item.file}: read error in tensor {item.source!r} ({e.strerror})") from None
+                raise ConversionError(f"{path}: read error in tensor {tensor!r} ({e.strerror})") from None
             if n == 0:
-                raise ConversionError(f"{item.file}: unexpected end of file at byte {item.offset + done} while "
-                                      f"reading tensor {item.source!r} (truncated file?)")
+                raise ConversionError(f"{path}: unexpected end of file at byte {offset + done} while "
+                                      f"reading tensor {tensor!r} (truncated file?)")
             done += n
         self.bytes_read += done
-        return buf
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -36,7 +36,12 @@ class SourceTensor:
     nbytes: int
     # None: raw row-major bytes (safetensors, legacy .pt records). "torch_save": a torch.save blob of the
     # tensor (a torch_dist chunk), read whole and decoded; `nbytes` is then the blob's length.
+    # "fp8_block": float8 rows stored as `stored_dtype`, decoded to `dtype` with the per-block factors of
+    # `scale` (DeepSeek's `weight_scale_inv`, one float32 per `block` of rows x columns).
     encoding: str | None = None
+    stored_dtype: str | None = None
+    scale: SourceTensor | None = None
+    block: tuple[int, int] | None = None
 
     @property
     def itemsize(self) -> int:
@@ -53,8 +58,15 @@ class SourceTensor:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one dim-0 row; a dim-0 slice is one contiguous range of these."""
+        """Bytes of one decoded dim-0 row (what is exchanged and written)."""
         return self.data_bytes // self.rows if self.rows else 0
+
+    @property
+    def stored_row_bytes(self) -> int:
+        """Bytes of one dim-0 row on disk; a dim-0 slice is one contiguous range of these."""
+        if self.stored_dtype is None:
+            return self.row_bytes
+        return math.prod(self.shape[1:]) * DTYPE_SIZES[self.stored_dtype]
 
 
 def _header_error(path: str, what: str) -> ConversionError:

@@ -13,6 +13,12 @@ import os
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, vocab_size=1000, max_position_embeddings=256, rms_norm_eps=1e-5)
 
+_DEEPSEEK = dict(rope_theta=10000.0, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8,
+                 n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                 routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=32, kv_lora_rank=16,
+                 qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_key_value_heads=8,
+                 tie_word_embeddings=False, rms_norm_eps=1e-6)
+
 VARIANTS = {
     "llama2": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=8, rope_theta=10000.0)),
     "llama3": ("LlamaConfig", "LlamaForCausalLM", dict(rope_theta=500000.0)),
@@ -35,9 +41,13 @@ VARIANTS = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(
         rope_theta=1000000.0, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         mlp_only_layers=[0], norm_topk_prob=True, tie_word_embeddings=False)),
+    # DeepSeek-V3: multi-latent attention (q LoRA 32, kv LoRA 16), layer 0 dense, then 8 routed experts in
+    # 2 groups (top 2 of the best group), one shared expert, scaled weights. Moonlight: no q LoRA.
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", _DEEPSEEK),
+    "moonlight": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(_DEEPSEEK, q_lora_rank=None)),
 }
 
-MOE_VARIANTS = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_VARIANTS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "moonlight")
 
 
 def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", **overrides):
@@ -57,6 +67,9 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
                 p.uniform_(0.5, 1.5)
             if name.endswith("bias"):
                 p.normal_(0.0, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # zeros at init; make it change which experts win
+                b.normal_(0.0, 0.2)
     model = model.to(getattr(torch, dtype)).eval()
     return model
 

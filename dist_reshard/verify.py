@@ -16,14 +16,13 @@ import sys
 import torch
 
 from .errors import ConversionError
-from .families import family_for
-from .hf_config import read_config
+from .decode import read_rows
+from .hf_source import open_hf_folder
 from .layout import TargetLayout
 from .logical import read_dcp_chunk
 from .manifest import FILE_HASH, MANIFEST, file_digest, read_manifest
-from .rank_plan import ReadItem, Target, make_plan
+from .rank_plan import Target, make_plan
 from .reader import RangeReader
-from .safetensors_index import index_folder
 from .dtypes import TORCH_DTYPES as _TORCH_DTYPES
 
 
@@ -62,9 +61,8 @@ def _expected(target: Target, index, reader: RangeReader) -> torch.Tensor:
         if p.source is None:
             continue
         src = index[p.source]
-        item = ReadItem(-1, src.name, src.file, p.rows, src.offset + p.rows[0] * src.row_bytes,
-                        p.nrows * src.row_bytes, 0)
-        values = reader.read(item).view(_TORCH_DTYPES.get(src.dtype, torch.uint8)).view(p.nrows, -1)
+        values = read_rows(reader, src, p.rows, index).view(_TORCH_DTYPES.get(src.dtype, torch.uint8))
+        values = values.view(p.nrows, -1)
         if p.cols is not None:
             values = values[:, p.cols[0]:p.cols[1]]
         rows_view[p.dst_row:p.dst_row + p.nrows].copy_(values)
@@ -91,9 +89,8 @@ def _dcp_chunks(folder: str):
 def check_against(out: str, src: str) -> list[str]:
     man = read_manifest(out)
     layout = TargetLayout(**man["layout"])
-    cfg = read_config(src)
-    index = index_folder(src)
-    plan = make_plan(family_for(cfg.architecture), index, cfg, layout, man["world_size"])
+    cfg, family, index = open_hf_folder(src)
+    plan = make_plan(family, index, cfg, layout, man["world_size"])
     reader = RangeReader()
     problems = []
     folder = os.path.join(out, "iter_0000001")

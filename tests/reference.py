@@ -60,17 +60,22 @@ def full_megatron(hf: dict[str, torch.Tensor], config, tp: int, divisible_by: in
     return out
 
 
-COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight")
+COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight",
+          "linear_q_proj.weight", "linear_q_up_proj.weight", "linear_kv_up_proj.weight")
 ROW = ("linear_proj.weight", "linear_fc2.weight")
+# MLA down projections: whole on every rank in the TE spec (duplicated), column-split in the local spec.
+LOCAL_COLUMN = ("linear_q_down_proj.weight", "linear_kv_down_proj.weight")
 LOCAL_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-               "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+               "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+               "self_attention.linear_q_up_proj.layer_norm_weight": "self_attention.q_layernorm.weight",
+               "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attention.kv_layernorm.weight"}
 
 
-def tp_shard(key: str, full: torch.Tensor, tp: int, r: int) -> torch.Tensor:
+def tp_shard(key: str, full: torch.Tensor, tp: int, r: int, impl: str = "transformer_engine") -> torch.Tensor:
     if key.endswith("linear_fc1.weight"):
         gate, up = full.chunk(2)
         return torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]])
-    if key.endswith(COLUMN):
+    if key.endswith(COLUMN) or (impl == "local" and key.endswith(LOCAL_COLUMN)):
         return full.chunk(tp)[r]
     if key.endswith(ROW):
         return full.chunk(tp, dim=1)[r]

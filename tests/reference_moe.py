@@ -12,16 +12,19 @@ EXPERTS = {
     "MixtralForCausalLM": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts", "w1", "w3", "w2"),
     "Qwen2MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    "DeepseekV3ForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
 }
 
 
 def num_experts(config) -> int:
-    return getattr(config, "num_local_experts", None) or config.num_experts
+    return getattr(config, "n_routed_experts", None) or getattr(config, "num_local_experts", None) or config.num_experts
 
 
 def is_moe(config, i: int) -> bool:
     if config.architectures[0] == "MixtralForCausalLM":
         return True
+    if config.architectures[0] == "DeepseekV3ForCausalLM":
+        return i >= config.first_k_dense_replace
     step = getattr(config, "decoder_sparse_step", 1) or 1
     return i not in (getattr(config, "mlp_only_layers", None) or []) and (i + 1) % step == 0
 
@@ -29,7 +32,8 @@ def is_moe(config, i: int) -> bool:
 def layer(hf, config, i: int) -> dict[str, object]:
     """TE-named tensors of layer i; routed experts as {"experts.linear_fc1.weight": [per expert]}."""
     p = f"model.layers.{i}."
-    out = attention(hf, p, config.num_key_value_heads)
+    out = mla_attention(hf, p) if config.architectures[0] == "DeepseekV3ForCausalLM" else attention(
+        hf, p, config.num_key_value_heads)
     if not is_moe(config, i):
         out["mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
         out["mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
@@ -42,11 +46,34 @@ def layer(hf, config, i: int) -> dict[str, object]:
     out["experts.linear_fc1.weight"] = [torch.cat([hf[f"{p}{prefix}.{e}.{gate}.weight"],
                                                    hf[f"{p}{prefix}.{e}.{up}.weight"]]) for e in range(E)]
     out["experts.linear_fc2.weight"] = [hf[f"{p}{prefix}.{e}.{down}.weight"] for e in range(E)]
+    if p + "mlp.gate.e_score_correction_bias" in hf:
+        out["mlp.router.expert_bias"] = hf[p + "mlp.gate.e_score_correction_bias"]
+    if p + "mlp.shared_experts.gate_proj.weight" in hf:  # DeepSeek: ungated
+        s = p + "mlp.shared_experts."
+        out["mlp.shared_experts.linear_fc1.weight"] = torch.cat([hf[s + "gate_proj.weight"], hf[s + "up_proj.weight"]])
+        out["mlp.shared_experts.linear_fc2.weight"] = hf[s + "down_proj.weight"]
     if p + "mlp.shared_expert.gate_proj.weight" in hf:
         s = p + "mlp.shared_expert."
         out["mlp.shared_experts.linear_fc1.weight"] = torch.cat([hf[s + "gate_proj.weight"], hf[s + "up_proj.weight"]])
         out["mlp.shared_experts.linear_fc2.weight"] = hf[s + "down_proj.weight"]
         out["mlp.shared_experts.gate_weight"] = hf[p + "mlp.shared_expert_gate.weight"]
+    return out
+
+
+def mla_attention(hf, p: str) -> dict[str, torch.Tensor]:
+    """Multi-latent attention under Megatron's TE names: one HF tensor each, renamed (FORMATS.md section 8)."""
+    a = p + "self_attn."
+    out = {"input_layernorm.weight": hf[p + "input_layernorm.weight"],
+           "self_attention.linear_kv_down_proj.weight": hf[a + "kv_a_proj_with_mqa.weight"],
+           "self_attention.linear_kv_up_proj.layer_norm_weight": hf[a + "kv_a_layernorm.weight"],
+           "self_attention.linear_kv_up_proj.weight": hf[a + "kv_b_proj.weight"],
+           "self_attention.linear_proj.weight": hf[a + "o_proj.weight"]}
+    if a + "q_a_proj.weight" in hf:
+        out["self_attention.linear_q_down_proj.weight"] = hf[a + "q_a_proj.weight"]
+        out["self_attention.linear_q_up_proj.layer_norm_weight"] = hf[a + "q_a_layernorm.weight"]
+        out["self_attention.linear_q_up_proj.weight"] = hf[a + "q_b_proj.weight"]
+    else:
+        out["self_attention.linear_q_proj.weight"] = hf[a + "q_proj.weight"]
     return out
 
 
@@ -72,7 +99,7 @@ def legacy_files(hf, config, tp: int, pp: int, ep: int, etp: int | None, impl: s
                                 sd[f"decoder.layers.{j}.{key}"] = tp_shard(name, value[k * per_ep + le], etp, r % etp)
                         else:
                             local = LOCAL_NAMES.get(name, name) if impl == "local" else name
-                            sd[f"decoder.layers.{j}.{local}"] = tp_shard(name, value, tp, r)
+                            sd[f"decoder.layers.{j}.{local}"] = tp_shard(name, value, tp, r, impl)
                 if p == 0:
                     sd["embedding.word_embeddings.weight"] = _vocab(hf["model.embed_tokens.weight"], vocab).chunk(tp)[r]
                 if p == pp - 1:
@@ -92,9 +119,13 @@ def torch_dist_tensors(hf, config, tp: int, impl: str = "transformer_engine") ->
            "output_layer.weight": _vocab(hf["lm_head.weight"], vocab)}
     layers = [layer(hf, config, i) for i in range(L)]
 
+    mla = config.architectures[0] == "DeepseekV3ForCausalLM"
+
     def key_of(name):
         if name.startswith("experts."):
             return "mlp.experts.experts." + name[len("experts."):]
+        if mla and impl == "local":  # no key map in the local MLA spec: its module names are its keys
+            return LOCAL_NAMES.get(name, name)
         if name == "pre_mlp_layernorm.weight" and impl == "local":
             return "mlp.linear_fc1.layer_norm_weight"
         return name

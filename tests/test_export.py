@@ -13,7 +13,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from conftest import load_hf_state, run_cases
 from dist_reshard.tiny_models import VARIANTS
 
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+from dist_reshard.tiny_models import MOE_VARIANTS as MOE  # noqa: E402
 # Two Megatron layouts per family, one per format; MoE ones with expert parallelism.
 ROUND_TRIPS = {v: [dict(tp=2, pp=2, format="torch"), dict(tp=1, pp=2, vpp=2, format="torch_dist")]
                for v in VARIANTS if v not in MOE}

@@ -9,7 +9,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import load_hf_config, load_hf_state, run_cases
-from reference_moe import legacy_files, torch_dist_tensors
+from dist_reshard.tiny_models import MOE_VARIANTS
+from reference_moe import legacy_files, num_experts, torch_dist_tensors
 
 # (name, variant, layout); each runs in both formats unless the layout says otherwise.
 CASES = {
@@ -19,7 +20,11 @@ CASES = {
         ("qwen2_moe-ep2-local", "qwen2_moe", dict(ep=2, impl="local")),
         ("qwen3_moe-pp2ep2", "qwen3_moe", dict(pp=2, ep=2)),
         ("qwen3_moe-tp2etp1ep2", "qwen3_moe", dict(tp=2, etp=1, ep=2)),
-        ("mixtral-tp1etp2ep2", "mixtral", dict(etp=2, ep=2, formats=("torch_dist",)))],
+        ("mixtral-tp1etp2ep2", "mixtral", dict(etp=2, ep=2, formats=("torch_dist",))),
+        # DeepSeek-V3: MLA down projections whole per TP rank (TE) or column-split (local), expert bias.
+        ("deepseek_v3-tp2ep2", "deepseek_v3", dict(tp=2, ep=2)),
+        ("deepseek_v3-tp2-local", "deepseek_v3", dict(tp=2, impl="local")),
+        ("moonlight-pp2ep2", "moonlight", dict(pp=2, ep=2))],
     3: [("mixtral-tp2ep2", "mixtral", dict(tp=2, ep=2))],  # 4 rank files on 3 ranks
     4: [("mixtral-tp2ep2", "mixtral", dict(tp=2, ep=2)),
         ("qwen2_moe-tp2pp2ep2", "qwen2_moe", dict(tp=2, pp=2, ep=2)),  # 8 rank files on 4 ranks
@@ -50,7 +55,7 @@ def converted(hf_models, tmp_path_factory):
 
 
 def _ids():
-    return sorted(c["name"] for cases in _all_cases({v: "" for v in ("mixtral", "qwen2_moe", "qwen3_moe")},
+    return sorted(c["name"] for cases in _all_cases({v: "" for v in MOE_VARIANTS},
                                                     "").values() for c in cases)
 
 
@@ -73,7 +78,7 @@ def check_legacy(case):
     for key, containers in expected.items():
         sd = torch.load(os.path.join(root, _file(*key, case), "model_optim_rng.pt"), weights_only=False)
         args = sd["args"]
-        assert (args.expert_model_parallel_size, args.num_experts) == (case.get("ep", 1), 4)
+        assert (args.expert_model_parallel_size, args.num_experts) == (case.get("ep", 1), num_experts(config))
         assert args.expert_tensor_parallel_size == (case.get("etp") or case["tp"])
         assert args.moe_grouped_gemm == case.get("grouped", False)
         model = sd["model"]
@@ -84,7 +89,8 @@ def check_legacy(case):
         # One None extra state per linear module: per expert for SequentialMLP, per layer when grouped.
         modules = {k.rsplit(".", 1)[0] for k in got if k.rsplit(".", 1)[1].startswith("weight")
                    and k.rsplit(".", 1)[0].endswith(("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2",
-                                                    "output_layer"))}
+                                                    "output_layer", "linear_q_proj", "linear_q_down_proj",
+                                                    "linear_q_up_proj", "linear_kv_down_proj", "linear_kv_up_proj"))}
         extra = {k[:-len("._extra_state")] for k, v in model.items() if k.endswith("._extra_state") and v is None}
         assert extra == modules
 
@@ -107,7 +113,8 @@ def check_torch_dist(case, tmp_path):
         assert f"decoder.layers.mlp.experts.experts.linear_fc1._extra_state/shard_{L - 1}.3_{L}.4" in objects
         assert f"decoder.layers.self_attention.linear_qkv._extra_state/shard_0_{L}" in objects
     else:
-        assert "decoder.layers.1.mlp.experts.experts.linear_fc2._extra_state/shard_3_4" in objects
+        E = num_experts(config)
+        assert f"decoder.layers.1.mlp.experts.experts.linear_fc2._extra_state/shard_{E - 1}_{E}" in objects
         assert "decoder.layers.0.mlp.linear_fc1._extra_state/shard_0_1" in objects
     assert not any(k.startswith("output_layer") or k.endswith(".weight_extra") for k in objects)
 

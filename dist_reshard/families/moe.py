@@ -25,12 +25,15 @@ def routed_experts(router: str, experts: str, gate: str, up: str, down: str) -> 
     )
 
 
-def shared_expert(prefix: str, gate: str) -> tuple:
-    """An always-on expert beside the routed ones, TP-split like a dense MLP, scaled by sigmoid(gate)."""
-    return (
+def shared_expert(prefix: str, gate: str | None) -> tuple:
+    """An always-on expert beside the routed ones, TP-split like a dense MLP, scaled by sigmoid(gate) when
+    there is a gate (Qwen2-MoE; DeepSeek's shared experts are ungated)."""
+    rows = (
         rule("mlp.shared_experts.linear_fc1.weight", (f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"),
              Kind.GLU, where="moe", ffn="shared"),
         rule("mlp.shared_experts.linear_fc2.weight", f"{prefix}.down_proj.weight", Kind.ROW, where="moe",
              ffn="shared"),
-        rule("mlp.shared_experts.gate_weight", gate, Kind.REPLICATED, where="moe"),
     )
+    if gate is None:
+        return rows
+    return rows + (rule("mlp.shared_experts.gate_weight", gate, Kind.REPLICATED, where="moe"),)

@@ -1,0 +1,39 @@
+"""Bytes as read -> bytes as planned, for the source encodings a read item may carry (see
+`SourceTensor.encoding`): torch_dist chunks stored as torch.save blobs, and FP8 block-quantized rows."""
+
+from __future__ import annotations
+
+import io
+
+import torch
+
+from .block_fp8 import dequantize
+from .dtypes import DTYPE_NAMES
+from .errors import ConversionError
+from .rank_plan import ReadItem, read_item
+from .safetensors_index import SourceTensor
+
+
+def decode(item: ReadItem, raw: torch.Tensor, index: dict[str, SourceTensor]) -> torch.Tensor:
+    """The item's rows, row-major, in the source tensor's (decoded) dtype, as a flat uint8 tensor."""
+    if item.encoding is None:
+        return raw
+    src = index[item.source]
+    if item.encoding == "fp8_block":
+        return dequantize(raw, src, item.rows)
+    try:
+        t = torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - a corrupt chunk is reported by file and tensor
+        raise ConversionError(f"{item.file}: chunk {item.source} is not a readable torch.save blob "
+                              f"({e.__class__.__name__})") from None
+    data = t.contiguous().view(-1).view(torch.uint8)
+    if data.numel() != src.data_bytes or DTYPE_NAMES.get(t.dtype) != src.dtype:
+        raise ConversionError(f"{item.file}: chunk {item.source} holds {t.dtype} {list(t.shape)}, the metadata "
+                              f"says {src.dtype} {list(src.shape)}")
+    return data
+
+
+def read_rows(reader, src: SourceTensor, rows: tuple[int, int], index: dict[str, SourceTensor]) -> torch.Tensor:
+    """Rows [a, b) of a source tensor, decoded (a blob-encoded tensor is read whole, whatever the rows)."""
+    item = read_item(-1, src, rows, 0)
+    return decode(item, reader.read(item), index)

@@ -1,0 +1,19 @@
+"""An HF safetensors folder as the converter sees it: its config, its family and its tensor index, with
+FP8 block-quantized weights presented as the bfloat16 tensors they decode to."""
+
+from __future__ import annotations
+
+import os
+
+from .block_fp8 import dequantized_index
+from .families import family_for
+from .hf_config import ModelConfig, read_config
+from .mapping import Family
+from .safetensors_index import SourceTensor, index_folder
+
+
+def open_hf_folder(folder: str) -> tuple[ModelConfig, Family, dict[str, SourceTensor]]:
+    cfg = read_config(folder)
+    config_path = os.path.join(folder, "config.json")
+    family = family_for(cfg.architecture, config_path)
+    return cfg, family, dequantized_index(index_folder(folder), cfg, config_path)

@@ -20,7 +20,7 @@ import torch
 
 from . import __version__, collectives, faults, manifest
 from .errors import ConversionError
-from .hf_source import open_hf_folder
+from .hf_source import mtp_tensors, open_hf_folder
 from .layout import DTYPE_FLAGS, TargetLayout
 from .megatron_args import megatron_args
 from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
@@ -49,6 +49,7 @@ class Options:
     progress: str = "auto"  # "auto" (a bar when rank 0's stderr is a terminal), "on", "off"
     src: str = "hf"  # "hf" (safetensors folder) or "mcore" (a Megatron-Core checkpoint)
     hf_config: str | None = None  # --dst hf: reference HF folder for config and tokenizer files
+    drop_mtp: bool = False  # leave out multi-token-prediction layers (model.layers.{L + k}.*)
 
 
 @dataclass
@@ -95,8 +96,13 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
         cfg, family, index = source.config, source.family, source.logical
     else:
         cfg, family, index = open_hf_folder(opts.load)
+        mtp = mtp_tensors(index, cfg)
+        if mtp and opts.drop_mtp:
+            index = {n: t for n, t in index.items() if n not in mtp}
     plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
                      skip_paths=skip_paths, source=source)
+    if source is None and opts.drop_mtp:
+        plan.dropped = len(mtp)
     return plan, cfg, family, index, source
 
 
@@ -396,10 +402,10 @@ def _output_args(opts: Options, plan: Plan, cfg, family, source):
 def _write_hf_metadata(opts: Options, plan: Plan, cfg, family, source, staging: str) -> list[str]:
     """Rank 0, HF output: the shard index (when there are several files) and config/tokenizer files."""
     from .hf_export import hf_config
-    from .rank_plan import build_hf_targets, fixed_dtypes
+    from .rank_plan import build_hf_targets, kept_dtypes
 
     # The whole file set, also when a resumed plan covers only the files still missing.
-    pairs, paths = build_hf_targets(source.logical, cfg, opts.layout, fixed_dtypes(family, cfg))
+    pairs, paths = build_hf_targets(source.logical, cfg, opts.layout, kept_dtypes(family, cfg))
     names = []
     if paths != ["model.safetensors"]:
         hf.write_index(staging, {t.key: paths[k[0]] for k, t in pairs}, sum(t.nbytes for _, t in pairs))
@@ -573,6 +579,7 @@ def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool) -> dic
         "transfers": len(plan.transfers),
         "buckets": len(plan.buckets),
         "largest_read_item_bytes": plan.largest_item_bytes,
+        "dropped_mtp_tensors": plan.dropped,
         "ranks": [dict(r, planned=a) for r, a in zip(reports, acc)],
     }
     total_read = sum(r["bytes_read"] for r in reports)

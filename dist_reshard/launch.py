@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert tensor-parallel size (default: --tp, as Megatron-Core defaults it)")
     p.add_argument("--moe-grouped-gemm", action="store_true",
                    help="legacy format: grouped-GEMM expert names (linear_fc1.weight<i>) instead of SequentialMLP's")
+    p.add_argument("--drop-mtp", action="store_true",
+                   help="DeepSeek-V3: convert without the multi-token-prediction layers stored after the decoder "
+                        "(model.layers.<num_hidden_layers>.*); without this flag their presence is an error")
     p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist")
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="parameter naming: TransformerEngine spec (default) or local spec")
@@ -76,6 +79,8 @@ def _summary(job: dict) -> str:
         lines.append(f"  rank {r['rank']}: read {read / mib:.2f} MiB{resident}, wrote {r['bytes_written'] / mib:.2f} MiB, "
                      f"peak RSS {r['peak_rss_bytes'] / mib:.0f} MiB, "
                      + ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items()))
+    if job.get("dropped_mtp_tensors"):
+        lines.append(f"  dropped on request (--drop-mtp): {job['dropped_mtp_tensors']} multi-token-prediction tensors")
     if job.get("read_amplification") is not None:
         lines.append(f"  bytes read / source bytes = {job['read_amplification']:.4f}")
     return "\n".join(lines)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConversionError as e:
             sys.stderr.write(f"dist_reshard: error: {e}\n")
             return 2
-    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run,
+    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp,
                    device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
                    resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:

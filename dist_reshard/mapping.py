@@ -44,7 +44,7 @@ class Rule:
     ffn: str = "dense"  # which FFN width its MLP shapes use: "dense", "expert" or "shared"
     when: str | None = None  # a ModelConfig feature it needs ("q_lora"; "!q_lora" for its absence)
     shape: Callable[[ModelConfig], list] | None = None  # the HF shapes, where the kind alone cannot tell
-    dtype: str | None = None  # a fixed output dtype whatever --dtype says (float32 routing biases)
+    keep_dtype: bool = False  # --dtype never casts it (routing biases Megatron keeps in float32)
     local_kind: Kind | None = None  # the local spec's split when it differs (MLA's down projections)
 
     @property

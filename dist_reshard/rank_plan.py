@@ -162,6 +162,7 @@ class Plan:
     transfers: list[Transfer]
     buckets: list[Bucket]
     _by_rank: dict | None = field(default=None, repr=False)
+    dropped: int = 0  # source tensors left out on request (--drop-mtp)
 
     def rank_view(self, rank: int) -> RankPlan:
         if not 0 <= rank < self.world:
@@ -233,6 +234,14 @@ def _stray_expert(name: str, family: Family, cfg: ModelConfig) -> str | None:
     return None
 
 
+def _mtp_layer(name: str, cfg: ModelConfig) -> str | None:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    if m and int(m.group(1)) >= cfg.num_layers:
+        return (f"layer {m.group(1)} is past num_hidden_layers = {cfg.num_layers}: a multi-token-prediction "
+                f"layer, which dist_reshard does not convert; pass --drop-mtp to convert without it")
+    return None
+
+
 def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig) -> list[Rule]:
     """The family's rules that apply to this checkpoint, with every source tensor accounted for."""
     rules, used = [], set()
@@ -256,8 +265,8 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
     if cfg.tie_word_embeddings:
         unknown = [n for n in unknown if n != "lm_head.weight"]  # some tied checkpoints still store a copy
     if unknown:
-        why = _stray_expert(unknown[0], family, cfg) or (f"not mapped by the {family.name} family "
-                                                         f"({len(unknown)} unmapped tensors); refusing to drop it")
+        why = _stray_expert(unknown[0], family, cfg) or _mtp_layer(unknown[0], cfg) or (
+            f"not mapped by the {family.name} family ({len(unknown)} unmapped tensors); refusing to drop it")
         raise ConversionError(f"{index[unknown[0]].file}: tensor {unknown[0]!r}: {why}")
     return rules
 
@@ -271,8 +280,8 @@ def _check_shapes(rule: Rule, names: tuple[str, ...], index: dict[str, SourceTen
 
 
 def _output_dtype(layout: TargetLayout, source: SourceTensor, rule: Rule | None = None) -> str:
-    if rule is not None and rule.dtype:
-        return rule.dtype
+    if rule is not None and rule.keep_dtype:
+        return source.dtype
     return DTYPES[layout.dtype] if layout.dtype else source.dtype
 
 
@@ -437,18 +446,16 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             for a in range(lo, hi, rows_cap):
                 runs.append((src, (a, min(hi, a + rows_cap)), covering))
 
-    def run_bytes(src: SourceTensor, rows: tuple[int, int]) -> int:
-        return read_item(-1, src, rows, 0).nbytes
-
-    total = sum(run_bytes(r[0], r[1]) for r in runs)
-    biggest = max((run_bytes(r[0], r[1]) for r in runs), default=0)
+    planned = [read_item(-1, src, rows, 0) for src, rows, _ in runs]
+    total = sum(i.nbytes for i in planned)
+    biggest = max((i.nbytes for i in planned), default=0)
     cap = total / world + biggest
     writer_of_unit = {u.index: u.writer for u in units}
     load = [0] * world
     heap = [(0, r) for r in range(world)]
     items, transfers = [], []
-    for src, rows, covering in runs:
-        nbytes = run_bytes(src, rows)
+    for (src, rows, covering), item in zip(runs, planned):
+        nbytes = item.nbytes
         # Locality first: the rank that writes most of this run reads it, unless that breaks balance.
         by_writer: dict[int, int] = defaultdict(int)
         for p, t in covering:
@@ -464,7 +471,8 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             reader = r
         load[reader] += nbytes
         heapq.heappush(heap, (load[reader], reader))
-        item = read_item(len(items), src, rows, reader)
+        item = ReadItem(len(items), item.source, item.file, item.rows, item.offset, nbytes, reader, item.encoding,
+                        item.aux)
         items.append(item)
         for p, t in covering:
             lo, hi = max(rows[0], p.rows[0]), min(rows[1], p.rows[1])
@@ -562,13 +570,13 @@ def _hf_order(name: str) -> tuple:
     return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
 
 
-def fixed_dtypes(family: Family, cfg: ModelConfig) -> dict[str, str]:
-    """HF tensors whose dtype no --dtype changes (a rule's own `dtype`)."""
-    return {n: r.dtype for r in family.rules if r.dtype for i, e in instances(r, cfg) for n in r.hf_names(i, e)}
+def kept_dtypes(family: Family, cfg: ModelConfig) -> set[str]:
+    """HF tensors whose dtype no --dtype changes (`Rule.keep_dtype`)."""
+    return {n for r in family.rules if r.keep_dtype for i, e in instances(r, cfg) for n in r.hf_names(i, e)}
 
 
 def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
-                     fixed: dict[str, str] | None = None) -> tuple[list, list[str]]:
+                     kept: set[str] = frozenset()) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
     than that gets a file of its own), as save_pretrained does."""
     names = sorted(logical, key=_hf_order)
@@ -576,7 +584,7 @@ def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
     size = 0
     for n in names:
         t = logical[n]
-        dtype = (fixed or {}).get(n) or (DTYPES[layout.dtype] if layout.dtype else t.dtype)
+        dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept else t.dtype
         target = Target(-1, -1, None, n, t.shape, dtype, (Piece(n, (0, t.rows), None, 0),))
         if files[-1] and size + target.nbytes > layout.max_shard_bytes:
             files.append([])
@@ -604,7 +612,7 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     family.check(cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = build_hf_targets(index, cfg, layout, fixed_dtypes(family, cfg))
+        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg))
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         pairs = _build_targets(family, index, cfg, layout, padded_vocab)
@@ -622,7 +630,8 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     targets = []
     for key, t in pairs:
         u = unit_keys[key]
-        t = dataclasses.replace(t, index=len(targets), unit=u)
+        t = Target(len(targets), u, t.container, t.key, t.shape, t.dtype, t.pieces, t.global_shape,
+                   t.global_offset, t.lead)  # not dataclasses.replace: this runs once per target
         unit_bytes[u] += t.nbytes
         targets.append(t)
     first_target: dict[int, Target] = {}

@@ -13,6 +13,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import ConversionError
 
@@ -52,16 +53,16 @@ class SourceTensor:
         """Extent of dim 0 (the element count for a 1-D tensor, 1 for a scalar)."""
         return self.shape[0] if self.shape else 1
 
-    @property
+    @cached_property  # hot in planning; the fields never change
     def data_bytes(self) -> int:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
-    @property
+    @cached_property  # hot in planning; the fields never change
     def row_bytes(self) -> int:
         """Bytes of one decoded dim-0 row (what is exchanged and written)."""
         return self.data_bytes // self.rows if self.rows else 0
 
-    @property
+    @cached_property  # hot in planning; the fields never change
     def stored_row_bytes(self) -> int:
         """Bytes of one dim-0 row on disk; a dim-0 slice is one contiguous range of these."""
         if self.stored_dtype is None:

@@ -48,6 +48,15 @@ def hf_models(tmp_path_factory):
     folder = str(root / "llama3_bf16")
     save_model(build_model("llama3", seed=5, dtype="bfloat16"), folder)
     out["llama3_bf16"] = folder
+    # DeepSeek-V3 as published: bf16 weights block-quantized to FP8 (16 x 16 blocks here, so tensors span
+    # several blocks and partial ones), beside the bf16 tensors the FP8 ones decode to.
+    from fp8_reference import make_fp8_pair
+
+    bf16 = str(root / "deepseek_v3_bf16")
+    save_model(build_model("deepseek_v3", seed=11, dtype="bfloat16"), bf16)
+    out["deepseek_v3_fp8"], out["deepseek_v3_fp8_dequantized"] = str(root / "deepseek_v3_fp8"), str(
+        root / "deepseek_v3_fp8_dequantized")
+    make_fp8_pair(bf16, out["deepseek_v3_fp8"], out["deepseek_v3_fp8_dequantized"], (16, 16))
     # NaN and Inf are data, not errors: they must pass through bit for bit (bf16, with a NaN payload).
     model = build_model("llama3", seed=9, dtype="bfloat16")
     with torch.no_grad():

@@ -69,3 +69,81 @@ def synthetic_index(cfg: dict, dtype: str = "BF16", file_bytes: int = 5 << 30) -
 
 def synthetic(cfg: dict, dtype: str = "BF16"):
     return config_from_dict(cfg), synthetic_index(cfg, dtype)
+
+
+# DeepSeek-V3 as published: 61 layers (3 dense), MLA, 256 routed experts + 1 shared, FP8 weights with 128 x 128
+# block scales (router, norms, embeddings and head stay bf16; the routing bias is float32).
+DEEPSEEK_V3_671B = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=7168,
+                        intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
+                        num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1,
+                        num_experts_per_tok=8, n_group=8, topk_group=4, first_k_dense_replace=3,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=129280,
+                        max_position_embeddings=163840, rms_norm_eps=1e-6, torch_dtype="bfloat16",
+                        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [128, 128]})
+
+
+def deepseek_v3_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """HF name -> (shape, dtype) of a DeepSeek-V3 checkpoint, FP8 weights with their scale tensors."""
+    h, v, heads = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]
+    qd = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    fp8 = "quantization_config" in cfg
+    out = {"model.embed_tokens.weight": ((v, h), "BF16"), "model.norm.weight": ((h,), "BF16"),
+           "lm_head.weight": ((v, h), "BF16")}
+
+    def linear(name, rows, cols):
+        if not fp8:
+            out[name] = ((rows, cols), "BF16")
+            return
+        out[name] = ((rows, cols), "F8_E4M3")
+        out[name + "_scale_inv"] = ((-(-rows // 128), -(-cols // 128)), "F32")
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = ((h,), "BF16")
+        out[p + "post_attention_layernorm.weight"] = ((h,), "BF16")
+        linear(p + "self_attn.q_a_proj.weight", cfg["q_lora_rank"], h)
+        out[p + "self_attn.q_a_layernorm.weight"] = ((cfg["q_lora_rank"],), "BF16")
+        linear(p + "self_attn.q_b_proj.weight", heads * qd, cfg["q_lora_rank"])
+        linear(p + "self_attn.kv_a_proj_with_mqa.weight", cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"], h)
+        out[p + "self_attn.kv_a_layernorm.weight"] = ((cfg["kv_lora_rank"],), "BF16")
+        linear(p + "self_attn.kv_b_proj.weight", heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]),
+               cfg["kv_lora_rank"])
+        linear(p + "self_attn.o_proj.weight", h, heads * cfg["v_head_dim"])
+        if i < cfg["first_k_dense_replace"]:
+            f = cfg["intermediate_size"]
+            linear(p + "mlp.gate_proj.weight", f, h)
+            linear(p + "mlp.up_proj.weight", f, h)
+            linear(p + "mlp.down_proj.weight", h, f)
+            continue
+        f, experts = cfg["moe_intermediate_size"], cfg["n_routed_experts"]
+        out[p + "mlp.gate.weight"] = ((experts, h), "BF16")
+        out[p + "mlp.gate.e_score_correction_bias"] = ((experts,), "F32")
+        for e in range(experts):
+            q = f"{p}mlp.experts.{e}."
+            linear(q + "gate_proj.weight", f, h)
+            linear(q + "up_proj.weight", f, h)
+            linear(q + "down_proj.weight", h, f)
+        sf = f * cfg["n_shared_experts"]
+        linear(p + "mlp.shared_experts.gate_proj.weight", sf, h)
+        linear(p + "mlp.shared_experts.up_proj.weight", sf, h)
+        linear(p + "mlp.shared_experts.down_proj.weight", h, sf)
+    return out
+
+
+def deepseek_v3(cfg: dict = DEEPSEEK_V3_671B, file_bytes: int = 4 << 30):
+    """(ModelConfig, index as the converter sees it: FP8 weights decoded to bf16) of a headers-only model."""
+    from dist_reshard.block_fp8 import dequantized_index
+
+    index, file_no, offset = {}, 0, 8
+    for name, (shape, dtype) in deepseek_v3_shapes(cfg).items():
+        n = DTYPE_SIZES[dtype]
+        for s in shape:
+            n *= s
+        if offset > 8 and offset + n > file_bytes:
+            file_no, offset = file_no + 1, 8
+        index[name] = SourceTensor(name, f"model-{file_no:05d}.safetensors", dtype, shape, offset, n)
+        offset += n
+    config = config_from_dict(cfg)
+    return config, dequantized_index(index, config)

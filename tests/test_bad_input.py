@@ -90,6 +90,45 @@ def _config_experts(n):
     return mutate
 
 
+def _edit_config(**fields):
+    def mutate(folder):
+        path = os.path.join(folder, "config.json")
+        with open(path) as f:
+            cfg = json.load(f)
+        for k, v in fields.items():
+            if v is None:
+                cfg.pop(k, None)
+            else:
+                cfg[k] = v
+        with open(path, "w") as f:
+            json.dump(cfg, f)
+    return mutate
+
+
+def _fp8_without_quant_config(folder):
+    _edit_config(quantization_config=None)(folder)
+    return "has no quantization_config with quant_method 'fp8'"
+
+
+def _fp8_scale_missing(folder):
+    victim = "model.layers.1.self_attn.kv_b_proj.weight_scale_inv"
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        shard = json.load(f)["weight_map"][victim]
+    _rewrite_header(os.path.join(folder, shard), lambda header: header.pop(victim))
+    index = os.path.join(folder, "model.safetensors.index.json")
+    with open(index) as f:
+        idx = json.load(f)
+    del idx["weight_map"][victim]
+    with open(index, "w") as f:
+        json.dump(idx, f)
+    return "FP8 tensor 'model.layers.1.self_attn.kv_b_proj.weight' has no"
+
+
+def _group_topk(folder):
+    _edit_config(topk_group=2)(folder)
+    return "num_experts_per_tok 2 / topk_group 2 is not 2"
+
+
 CASES = {
     "heads": (None, ["--tp", "3"], "--tp 3: num_attention_heads = 8"),
     "query_groups": (None, ["--tp", "8"], "--tp 8: num_query_groups (num_key_value_heads) = 4"),
@@ -108,6 +147,11 @@ CASES = {
     "ep_on_dense_model": (None, ["--ep", "2"], "--ep: LlamaForCausalLM has no experts", "llama3"),
     "config_fewer_experts": (_config_experts(2), [], None, "mixtral"),
     "config_more_experts": (_config_experts(8), [], None, "mixtral"),
+    # DeepSeek-V3: FP8 sources must say how to decode; routing Megatron cannot express is refused.
+    "fp8_without_quantization_config": (_fp8_without_quant_config, [], None, "deepseek_v3_fp8"),
+    "fp8_scale_missing": (_fp8_scale_missing, [], None, "deepseek_v3_fp8"),
+    "router_group_topk": (_group_topk, [], None, "deepseek_v3"),
+    "mla_heads_vs_tp": (None, ["--tp", "3"], "--tp 3: num_attention_heads = 8", "deepseek_v3"),
 }
 
 

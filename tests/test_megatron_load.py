@@ -37,6 +37,12 @@ TWO_RANKS = [
     ("qwen2_moe", "torch_dist", dict(tp=2, pp=1), dict(load_tp=1, load_pp=1, load_ep=2)),
     ("qwen3_moe", "torch", dict(tp=1, pp=1, ep=2), None),
     ("qwen3_moe", "torch_dist", dict(tp=1, pp=1, ep=2), dict(load_tp=1, load_pp=2, load_ep=1)),
+    # DeepSeek-V3: multi-latent attention, sigmoid router with expert bias, shared experts; FP8 source
+    # against the HF model on the tensors it decodes to.
+    ("deepseek_v3", "torch", dict(tp=1, pp=1, ep=2), None),
+    ("deepseek_v3", "torch_dist", dict(tp=2, pp=1), dict(load_tp=1, load_pp=2)),
+    ("moonlight", "torch", dict(tp=2, pp=1), None),
+    ("deepseek_v3_fp8", "torch", dict(tp=1, pp=2), None),
 ]
 FOUR_RANKS = [
     ("llama3", "torch", dict(tp=2, pp=2), None),
@@ -49,6 +55,7 @@ FOUR_RANKS = [
     ("mixtral", "torch_dist", dict(tp=1, pp=1, ep=2, etp=2), dict(load_tp=2, load_pp=1, load_ep=2, load_etp=2)),
     ("qwen3_moe", "torch_dist", dict(tp=2, pp=1, ep=2), dict(load_tp=1, load_pp=2, load_ep=2)),
     ("qwen2_moe", "torch_dist", dict(tp=1, pp=1, ep=4), dict(load_tp=2, load_pp=1, load_ep=2)),
+    ("deepseek_v3", "torch", dict(tp=2, pp=2, ep=2, etp=1), None),
 ]
 
 
@@ -83,6 +90,7 @@ def megatron_results(hf_models, tmp_path_factory):
         for variant, fmt, written, loaded in table:
             name = _name(variant, fmt, written, loaded)
             cases.append(dict(written, **(loaded or {}), name=name, load=hf_models[variant],
+                              hf=hf_models.get(variant + "_dequantized", hf_models[variant]),
                               save=str(root / name), format=fmt, impl="local"))
         for variant, first, second in RESHARDS[world]:
             name = _reshard_name(variant, first, second)

@@ -149,3 +149,26 @@ def test_moe_plan_at_scale(shape, layout, world):
     assert max(a["peak_bucket_bytes"] for a in acc) <= DEFAULT_BUCKET_BYTES
     experts = {t.key for t in plan.targets if "experts" in t.key}
     assert experts, "expert targets planned"
+
+
+def test_deepseek_v3_671b_fp8_plan_for_256_ranks():
+    """The full DeepSeek-V3 index as published (FP8 weights, 128 x 128 scales), headers only, over 256 ranks:
+    every stored byte read once, each rank's reads within 10% of 1/256 plus the largest slice, and its
+    resident bytes within 10% of 1/256 of the bf16 model it writes plus that slice."""
+    from synthetic import deepseek_v3
+
+    config, index = deepseek_v3()
+    start = time.perf_counter()
+    plan = make_plan(family_for(config.architecture), index, config,
+                     TargetLayout(tp=8, pp=1, ep=32, ckpt_format="torch_dist"), 256)
+    assert time.perf_counter() - start < 300  # a generous guard for a loaded 2-core CI machine
+    acc = plan.accounting()
+    stored = sum(t.nbytes + (t.scale.nbytes if t.scale else 0) for t in index.values())
+    assert stored <= plan.source_bytes <= 1.001 * stored  # scale rows shared by two reads are read twice
+    share, slice_ = plan.source_bytes / 256, plan.largest_item_bytes
+    assert max(a["bytes_read"] for a in acc) <= 1.1 * share + slice_
+    written = sum(u.nbytes for u in plan.units)
+    assert written > 1.9 * stored  # FP8 in, bf16 out
+    assert max(a["resident_bytes"] for a in acc) <= 1.1 * written / 256 + slice_ + DEFAULT_BUCKET_BYTES
+    assert {"decoder.layers.5.mlp.router.expert_bias", "decoder.layers.0.self_attention.linear_q_down_proj.weight",
+            "decoder.layers.60.mlp.experts.experts.linear_fc2.weight"} <= {t.key for t in plan.targets}

@@ -38,9 +38,11 @@ MLA = (
          shape=lambda c: [(c.hidden_size, c.num_attention_heads * c.v_head_dim)]),
 )
 
-# Added to the scores only to choose experts, never to weight them; Megatron keeps it in float32.
+# Added to the scores only to choose experts, never to weight them. Megatron holds it in float32 whatever
+# the model dtype (and casts what it loads), so --dtype leaves it as stored rather than round it.
 ROUTER_BIAS = (
-    rule("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", Kind.REPLICATED, where="moe", dtype="F32",
+    rule("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", Kind.REPLICATED, where="moe",
+         keep_dtype=True,
          shape=lambda c: [(c.num_experts,)]),
 )
 
@@ -64,6 +66,11 @@ class DeepseekV3(Family):
             raise ConversionError(f"config.json: scoring_func {cfg.router_score!r} with norm_topk_prob "
                                   f"{cfg.norm_topk_prob}: Megatron-Core's router expresses only sigmoid scores "
                                   f"with renormalised top-k weights")
+        if cfg.router_groups > 1 and cfg.moe_topk // cfg.router_group_topk != 2:
+            # HF ranks expert groups by their best two scores; Megatron by their best topk // topk_group.
+            raise ConversionError(f"config.json: num_experts_per_tok {cfg.moe_topk} / topk_group "
+                                  f"{cfg.router_group_topk} is not 2: Megatron-Core ranks expert groups by their "
+                                  f"top {cfg.moe_topk // cfg.router_group_topk} scores where HF uses the top 2")
 
 
 DEEPSEEK_V3 = DeepseekV3("deepseek_v3", ("DeepseekV3ForCausalLM",), tuple(_local_keys_unmapped(r) for r in (

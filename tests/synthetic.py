@@ -54,9 +54,13 @@ def hf_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def synthetic_index(cfg: dict, dtype: str = "BF16", file_bytes: int = 5 << 30) -> dict[str, SourceTensor]:
+    return lay_out({name: (shape, dtype) for name, shape in hf_shapes(cfg).items()}, file_bytes)
+
+
+def lay_out(tensors: dict[str, tuple[tuple[int, ...], str]], file_bytes: int) -> dict[str, SourceTensor]:
     """Tensors laid out back to back in files of about `file_bytes`, as save_pretrained shards them."""
     index, file_no, offset = {}, 0, 8
-    for name, shape in hf_shapes(cfg).items():
+    for name, (shape, dtype) in tensors.items():
         n = DTYPE_SIZES[dtype]
         for s in shape:
             n *= s
@@ -136,14 +140,6 @@ def deepseek_v3(cfg: dict = DEEPSEEK_V3_671B, file_bytes: int = 4 << 30):
     """(ModelConfig, index as the converter sees it: FP8 weights decoded to bf16) of a headers-only model."""
     from dist_reshard.block_fp8 import dequantized_index
 
-    index, file_no, offset = {}, 0, 8
-    for name, (shape, dtype) in deepseek_v3_shapes(cfg).items():
-        n = DTYPE_SIZES[dtype]
-        for s in shape:
-            n *= s
-        if offset > 8 and offset + n > file_bytes:
-            file_no, offset = file_no + 1, 8
-        index[name] = SourceTensor(name, f"model-{file_no:05d}.safetensors", dtype, shape, offset, n)
-        offset += n
+    index = lay_out(deepseek_v3_shapes(cfg), file_bytes)
     config = config_from_dict(cfg)
     return config, dequantized_index(index, config)

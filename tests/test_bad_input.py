@@ -124,6 +124,11 @@ def _fp8_scale_missing(folder):
     return "FP8 tensor 'model.layers.1.self_attn.kv_b_proj.weight' has no"
 
 
+def _rope_not_interleaved(folder):
+    _edit_config(rope_interleave=False)(folder)
+    return "rope_interleave = false"
+
+
 def _group_topk(folder):
     _edit_config(topk_group=2)(folder)
     return "num_experts_per_tok 2 / topk_group 2 is not 2"
@@ -151,6 +156,7 @@ CASES = {
     "fp8_without_quantization_config": (_fp8_without_quant_config, [], None, "deepseek_v3_fp8"),
     "fp8_scale_missing": (_fp8_scale_missing, [], None, "deepseek_v3_fp8"),
     "router_group_topk": (_group_topk, [], None, "deepseek_v3"),
+    "rope_not_interleaved": (_rope_not_interleaved, [], None, "deepseek_v3"),
     "mla_heads_vs_tp": (None, ["--tp", "3"], "--tp 3: num_attention_heads = 8", "deepseek_v3"),
 }
 

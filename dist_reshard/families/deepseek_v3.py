@@ -61,6 +61,10 @@ class DeepseekV3(Family):
         if not cfg.mla:
             raise ConversionError(f"config.json: {cfg.architecture} without kv_lora_rank is not multi-latent "
                                   f"attention; not supported")
+        if cfg.raw.get("rope_interleave", True) is False:
+            # Megatron's MLA always de-interleaves the rotary half of q and k, as HF does by default.
+            raise ConversionError("config.json: rope_interleave = false: Megatron-Core's multi-latent attention "
+                                  "always applies rotary embeddings to de-interleaved channels")
         if cfg.router_score != "sigmoid" or (cfg.moe_topk > 1 and not cfg.norm_topk_prob):
             # Megatron's sigmoid router always renormalises the top-k weights.
             raise ConversionError(f"config.json: scoring_func {cfg.router_score!r} with norm_topk_prob "

@@ -93,10 +93,11 @@ def dequantize(raw: torch.Tensor, src: SourceTensor, rows: tuple[int, int]) -> t
     stored = n * src.stored_row_bytes
     q = raw[:stored].view(TORCH_DTYPES[src.stored_dtype]).view(n, cols)
     first, _ = scale_rows(src, rows)
+    scale_dtype = TORCH_DTYPES[src.scale.dtype]
     tail = raw[stored:]
-    if tail.storage_offset() % tail.new_empty(0, dtype=TORCH_DTYPES[src.scale.dtype]).element_size():
+    if tail.storage_offset() % scale_dtype.itemsize:
         tail = tail.clone()  # rows of an odd byte count leave the scales unaligned for a float view
-    factors = tail.view(TORCH_DTYPES[src.scale.dtype]).view(-1, src.scale.shape[1]).float()
+    factors = tail.view(scale_dtype).view(-1, src.scale.shape[1]).float()
     factors = factors.repeat_interleave(b1, dim=1)[:, :cols]
     out = torch.empty((n, cols), dtype=TORCH_DTYPES[src.dtype])
     r = lo

@@ -83,10 +83,11 @@ def _check_destination(opts: Options) -> None:
         raise ConversionError(f"--save {opts.save}: is the --load folder")
 
 
-def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, object, object, dict, object]:
-    """(plan, config, family, HF-named index, Megatron source or None). With a Megatron source the index
-    holds its logical HF tensors and the plan reads the shards or chunks that store them."""
-    source = None
+def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, object, object, dict, object, int]:
+    """(plan, config, family, HF-named index, Megatron source or None, source tensors dropped on request).
+    With a Megatron source the index holds its logical HF tensors and the plan reads the shards or chunks
+    that store them."""
+    source, dropped = None, 0
     if opts.layout.ckpt_format == "hf" and opts.src != "mcore":
         raise ConversionError(f"--src {opts.src} --dst hf: the source is already HF safetensors")
     if opts.src == "mcore":
@@ -99,11 +100,10 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
         mtp = mtp_tensors(index, cfg)
         if mtp and opts.drop_mtp:
             index = {n: t for n, t in index.items() if n not in mtp}
+            dropped = len(mtp)
     plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
                      skip_paths=skip_paths, source=source)
-    if source is None and opts.drop_mtp:
-        plan.dropped = len(mtp)
-    return plan, cfg, family, index, source
+    return plan, cfg, family, index, source, dropped
 
 
 def _job_identity(opts: Options, index: dict, source=None) -> dict:
@@ -335,9 +335,10 @@ def run(opts: Options) -> dict:
 
     err: BaseException | None = None
     plan = view = cfg = family = index = identity = source = None
+    dropped = 0
     try:
         _check_destination(opts)
-        plan, cfg, family, index, source = _plan(opts)
+        plan, cfg, family, index, source, dropped = _plan(opts)
         view = plan.rank_view(me)
         identity = _job_identity(opts, index, source)
     except ConversionError as e:
@@ -346,7 +347,7 @@ def run(opts: Options) -> dict:
     phase("plan")
     report.bytes_planned = view.bytes_read
     if opts.dry_run:
-        return _finish(report, plan, opts, dry_run=True)
+        return _finish(report, plan, opts, dry_run=True, dropped=dropped)
 
     staging = staging_path(opts.save)
     key = manifest.job_key(identity)
@@ -381,7 +382,7 @@ def run(opts: Options) -> dict:
         # A peer died or a collective broke: keep the finished files for --resume.
         raise ConversionError(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                               f"(finished files kept in {staging}; rerun with --resume)") from e
-    return _finish(report, plan, opts, dry_run=False)
+    return _finish(report, plan, opts, dry_run=False, dropped=dropped)
 
 
 def _output_args(opts: Options, plan: Plan, cfg, family, source):
@@ -564,7 +565,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     phase("publish")
 
 
-def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool) -> dict:
+def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, dropped: int = 0) -> dict:
     report.peak_rss_bytes = _peak_rss()
     reports = collectives.gather_objects(report.__dict__)
     acc = plan.accounting()
@@ -579,7 +580,7 @@ def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool) -> dic
         "transfers": len(plan.transfers),
         "buckets": len(plan.buckets),
         "largest_read_item_bytes": plan.largest_item_bytes,
-        "dropped_mtp_tensors": plan.dropped,
+        "dropped_mtp_tensors": dropped,
         "ranks": [dict(r, planned=a) for r, a in zip(reports, acc)],
     }
     total_read = sum(r["bytes_read"] for r in reports)

@@ -57,7 +57,6 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    mtp_layers: int = 0  # multi-token-prediction layers stored after the decoder (model.layers.{L + k}.)
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
@@ -170,7 +169,8 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
 
 
 def _mla_fields(cfg: dict, path: str) -> dict:
-    """DeepSeek-V2/V3 multi-latent attention and multi-token prediction (Kimi-K2 and Moonlight share them)."""
+    """DeepSeek-V2/V3 multi-latent attention (Kimi-K2 and Moonlight share it). Multi-token-prediction layers
+    are found by their tensors: transformers writes `num_nextn_predict_layers` 1 into every such config."""
     if not cfg.get("kv_lora_rank"):
         return {}
     return dict(
@@ -179,7 +179,6 @@ def _mla_fields(cfg: dict, path: str) -> dict:
         qk_nope_head_dim=_int(cfg, "qk_nope_head_dim", path),
         qk_rope_head_dim=_int(cfg, "qk_rope_head_dim", path),
         v_head_dim=_int(cfg, "v_head_dim", path),
-        mtp_layers=_int(cfg, "num_nextn_predict_layers", path, default=0, minimum=0),
     )
 
 

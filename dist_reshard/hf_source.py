@@ -4,12 +4,11 @@ FP8 block-quantized weights presented as the bfloat16 tensors they decode to."""
 from __future__ import annotations
 
 import os
-import re
 
 from .block_fp8 import dequantized_index
 from .families import family_for
 from .hf_config import ModelConfig, read_config
-from .mapping import Family
+from .mapping import Family, mtp_layer
 from .safetensors_index import SourceTensor, index_folder
 
 
@@ -20,15 +19,7 @@ def open_hf_folder(folder: str) -> tuple[ModelConfig, Family, dict[str, SourceTe
     return cfg, family, dequantized_index(index_folder(folder), cfg, config_path)
 
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-
 
 def mtp_tensors(index: dict[str, SourceTensor], cfg: ModelConfig) -> set[str]:
-    """Tensors of layers past the decoder: DeepSeek-V3 stores its multi-token-prediction layers there
-    (transformers' model has no module for them)."""
-    out = set()
-    for name in index:
-        m = _LAYER.match(name)
-        if m and int(m.group(1)) >= cfg.num_layers:
-            out.add(name)
-    return out
+    """Tensors of the multi-token-prediction layers stored after the decoder (see `mapping.mtp_layer`)."""
+    return {name for name in index if mtp_layer(name, cfg) is not None}

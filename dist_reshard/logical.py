@@ -1,10 +1,9 @@
 """Any checkpoint as logical tensors under HF names: an HF folder, a legacy Megatron checkpoint of any
-TP/PP/VPP, or a torch_dist checkpoint.
+TP/PP/VPP/EP, or a torch_dist checkpoint.
 
-One logical tensor at a time, reading only what it needs: its byte range in a safetensors file, the
-shard tensors of the rank files that hold it (memory-mapped, so other tensors are never touched), or the
-DCP chunks that cover it. The family table says how Megatron tensors are cut and fused; the inverse
-here places each Megatron block back into the HF tensors it came from.
+One logical tensor at a time, reading only what it needs: its byte range in a safetensors file (FP8
+weights decoded), or the rank-file shards or DCP chunks that `megatron_source` says cover it, read by
+their byte ranges like any conversion source.
 """
 
 from __future__ import annotations
@@ -23,30 +22,6 @@ from .rank_plan import IGNORED_SUFFIXES
 from .reader import RangeReader
 from .dtypes import TORCH_DTYPES
 
-
-
-def detect_format(path: str) -> str:
-    if os.path.exists(os.path.join(path, "config.json")) and (
-            glob.glob(os.path.join(path, "*.safetensors")) or os.path.exists(
-                os.path.join(path, "model.safetensors.index.json"))):
-        return "hf"
-    it = _iteration_dir(path)
-    if it and os.path.exists(os.path.join(it, "metadata.json")):
-        return "torch_dist"
-    if it and glob.glob(os.path.join(it, "mp_rank_*", "model_optim_rng.pt")):
-        return "torch"
-    raise ConversionError(f"{path}: neither an HF folder (config.json + *.safetensors) nor a Megatron checkpoint")
-
-
-def _iteration_dir(path: str) -> str | None:
-    tracker = os.path.join(path, "latest_checkpointed_iteration.txt")
-    if os.path.exists(tracker):
-        with open(tracker) as f:
-            text = f.read().strip()
-        return os.path.join(path, "release" if text == "release" else f"iter_{int(text):07d}")
-    if os.path.exists(os.path.join(path, "metadata.json")) or glob.glob(os.path.join(path, "mp_rank_*")):
-        return path
-    return None
 
 
 def read_dcp_chunk(folder: str, info) -> torch.Tensor:
@@ -135,8 +110,11 @@ class MegatronCheckpoint:
 
 
 def open_checkpoint(path: str):
-    fmt = detect_format(path)
-    return HFCheckpoint(path) if fmt == "hf" else MegatronCheckpoint(path)
+    hf = os.path.exists(os.path.join(path, "config.json")) and (
+        glob.glob(os.path.join(path, "*.safetensors"))
+        or os.path.exists(os.path.join(path, "model.safetensors.index.json")))
+    # Anything else is opened as a Megatron checkpoint, whose reader names what is missing.
+    return HFCheckpoint(path) if hf else MegatronCheckpoint(path)
 
 
 def hf_names_only(names) -> list[str]:

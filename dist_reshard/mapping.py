@@ -8,6 +8,7 @@ a Megatron block, whichever side is the source.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable
@@ -87,6 +88,21 @@ def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
             if kw.get(field):
                 kw[field] = "decoder.layers." + kw[field]
     return Rule(megatron, names, kind, **kw)
+
+
+def name_pattern(template: str) -> re.Pattern:
+    """A family name template as a regex: `{i}` any layer, `{e}` any expert (captured as group 1)."""
+    return re.compile(re.escape(template).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"(\d+)"))
+
+
+def mtp_layer(name: str, cfg: ModelConfig) -> int | None:
+    """The layer index of an HF tensor past the decoder (`model.layers.{L + k}.`): DeepSeek-V3 stores its
+    multi-token-prediction layers there, and transformers' model has no module for them."""
+    m = _HF_LAYER_INDEX.match(name)
+    return int(m.group(1)) if m and int(m.group(1)) >= cfg.num_layers else None
+
+
+_HF_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None]]:

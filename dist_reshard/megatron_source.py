@@ -15,7 +15,6 @@ import glob
 import math
 import os
 import pickle
-import re
 import struct
 import zipfile
 from argparse import Namespace
@@ -27,7 +26,7 @@ from .errors import ConversionError
 from .families import family_for
 from .hf_config import ModelConfig, config_from_dict
 from .layout import TargetLayout
-from .mapping import Family, Kind, blocks, full_shape, hf_shapes, instances
+from .mapping import Family, Kind, blocks, full_shape, hf_shapes, instances, name_pattern
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 _STORAGE_DTYPES = {"FloatStorage": "F32", "BFloat16Storage": "BF16", "HalfStorage": "F16",
@@ -182,7 +181,7 @@ def _config_from_args(args: Namespace) -> ModelConfig:
                                 cfg.ffn_hidden_size, cfg.num_experts, cfg.moe_ffn_hidden_size) == (
                 getattr(args, "hf_architecture", None), args.num_layers, args.hidden_size, args.num_attention_heads,
                 args.ffn_hidden_size, getattr(args, "num_experts", None) or 0,
-                getattr(args, "moe_ffn_hidden_size", None) or 0 if cfg.num_experts else 0):
+                (getattr(args, "moe_ffn_hidden_size", None) or 0) if cfg.num_experts else 0):
             return cfg
     arch = getattr(args, "hf_architecture", None)
     if not arch:  # a checkpoint from another tool: the features decide the closest dense family
@@ -249,12 +248,9 @@ def _add_covers(covers, rule, impl, names, cfg, tp, r, padded_vocab, stored_name
 
 def _detect_impl(keys: set[str], family: Family) -> str:
     """Which layer spec wrote these keys: the first rule whose TE and local names differ decides."""
-    def pattern(name: str):
-        return re.compile(re.escape(name).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"\d+"))
-
     for rule in family.rules:
         if rule.local and rule.local != rule.megatron:
-            local, te = pattern(rule.local), pattern(rule.megatron)
+            local, te = name_pattern(rule.local), name_pattern(rule.megatron)
             for k in keys:
                 if local.fullmatch(k):
                     return "local"

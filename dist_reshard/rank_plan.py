@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 from .errors import ConversionError
 from .hf_config import ModelConfig
 from .layout import DTYPES, TargetLayout
-from .mapping import Family, Kind, Piece, Rule, blocks, full_shape, hf_shapes, instances
+from .mapping import Family, Kind, Piece, Rule, blocks, full_shape, hf_shapes, instances, mtp_layer, name_pattern
 from .block_fp8 import scale_rows
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
@@ -162,7 +161,6 @@ class Plan:
     transfers: list[Transfer]
     buckets: list[Bucket]
     _by_rank: dict | None = field(default=None, repr=False)
-    dropped: int = 0  # source tensors left out on request (--drop-mtp)
 
     def rank_view(self, rank: int) -> RankPlan:
         if not 0 <= rank < self.world:
@@ -225,9 +223,8 @@ def _stray_expert(name: str, family: Family, cfg: ModelConfig) -> str | None:
     for rule in family.rules:
         if not rule.expert:
             continue
-        for pattern in rule.hf:
-            regex = re.escape(pattern).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"(\d+)")
-            m = re.fullmatch(regex, name)
+        for template in rule.hf:
+            m = name_pattern(template).fullmatch(name)
             if m and int(m.group(1)) >= cfg.num_experts:
                 return (f"expert {m.group(1)} exists but config.json declares {cfg.num_experts} experts "
                         f"(num_experts / num_local_experts)")
@@ -235,11 +232,11 @@ def _stray_expert(name: str, family: Family, cfg: ModelConfig) -> str | None:
 
 
 def _mtp_layer(name: str, cfg: ModelConfig) -> str | None:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    if m and int(m.group(1)) >= cfg.num_layers:
-        return (f"layer {m.group(1)} is past num_hidden_layers = {cfg.num_layers}: a multi-token-prediction "
-                f"layer, which dist_reshard does not convert; pass --drop-mtp to convert without it")
-    return None
+    layer = mtp_layer(name, cfg)
+    if layer is None:
+        return None
+    return (f"layer {layer} is past num_hidden_layers = {cfg.num_layers}: a multi-token-prediction "
+            f"layer, which dist_reshard does not convert; pass --drop-mtp to convert without it")
 
 
 def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig) -> list[Rule]:

@@ -42,7 +42,7 @@ MLA = (
 # the model dtype (and casts what it loads), so --dtype leaves it as stored rather than round it.
 ROUTER_BIAS = (
     rule("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias", Kind.REPLICATED, where="moe",
-         keep_dtype=True,
+         keep_dtype=True, when="router_expert_bias",
          shape=lambda c: [(c.num_experts,)]),
 )
 

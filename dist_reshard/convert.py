@@ -13,6 +13,7 @@ import resource
 import shutil
 import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -56,6 +57,7 @@ class Options:
 class RankReport:
     rank: int
     bytes_read: int = 0
+    bytes_read_in_place: int = 0  # of bytes_read: read straight into the output tensors (no buffer, no copy)
     bytes_planned: int = 0
     bytes_written: int = 0
     bytes_sent: int = 0
@@ -137,11 +139,41 @@ def _block(data: dict[int, torch.Tensor], t, items, source_dtype: dict[str, str]
     return block
 
 
+def _direct_reads(view: RankPlan, items, targets: dict[int, Target], index: dict) -> dict[int, object]:
+    """Read items this rank can read straight into their one target's memory (item index -> transfer):
+    the item goes nowhere else, needs no decoding or cast, and fills whole rows of its target, so its bytes
+    land in place and skip the read buffer and the local copy."""
+    fanout: dict[int, int] = defaultdict(int)
+    for sends in view.sends:
+        for ts in sends.values():
+            for t in ts:
+                fanout[t.item] += 1
+    direct = {}
+    for sends in view.sends:
+        for t in sends.get(view.rank, ()):
+            item, target = items[t.item], targets[t.target]
+            if (fanout[t.item] == 1 and item.encoding is None and t.cols is None and t.dst_col == 0
+                    and t.rows == item.rows and target.dtype == index[item.source].dtype
+                    and target.nbytes // target.rows == index[item.source].row_bytes):
+                direct[t.item] = t
+    return direct
+
+
+def _direct_view(t, tensors: dict[int, torch.Tensor], targets: dict[int, Target]) -> torch.Tensor:
+    """The flat uint8 bytes of the target rows a direct read fills."""
+    rows = t.rows[1] - t.rows[0]
+    dst = tensors[t.target].view(targets[t.target].rows, -1)[t.dst_row:t.dst_row + rows]
+    return dst.view(-1).view(torch.uint8)
+
+
 def _copy_local(data: dict[int, torch.Tensor], transfers, tensors: dict[int, torch.Tensor],
                 targets: dict[int, Target], source_dtype: dict[str, str], items) -> None:
     """Transfers to this rank itself: straight from the read buffer into the target, neither packed nor
-    exchanged. Same cast semantics as `_unpack`: values in the source dtype, cast by copy_ per slice."""
+    exchanged. Same cast semantics as `_unpack`: values in the source dtype, cast by copy_ per slice.
+    Items read directly into their target have no buffer here: nothing is left to copy."""
     for t in transfers:
+        if t.item not in data:
+            continue
         _place(_block(data, t, items, source_dtype).view(TORCH_DTYPES[source_dtype[items[t.item].source]]), t,
                tensors, targets)
 
@@ -422,6 +454,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
     tensors = _allocate(view.targets)
+    direct = _direct_reads(view, plan.items, targets, index)
     reader = RangeReader()
     bar = _progress_bar(opts, plan) if me == 0 else None
     hf_out = opts.layout.ckpt_format == "hf"
@@ -456,7 +489,11 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         try:
             faults.maybe_fail(me, "read")
             for item in view.reads[b]:
-                data[item.index] = decode(item, reader.read(item), index)
+                t = direct.get(item.index)
+                if t is not None:
+                    reader.read(item, out=_direct_view(t, tensors, targets))
+                else:
+                    data[item.index] = decode(item, reader.read(item), index)
         except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
             err = e
         return data, err, reader.bytes_read, time.perf_counter() - start
@@ -506,6 +543,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         if bar is not None:
             bar.close()
     report.bytes_read = reader.bytes_read
+    report.bytes_read_in_place = sum(it.nbytes for b in view.reads for it in b if it.index in direct)
     report.bytes_sent = view.bytes_sent
     report.bytes_received = view.bytes_received
 

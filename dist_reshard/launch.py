@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="parameter naming: TransformerEngine spec (default) or local spec")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--whole-chunk-mb", type=int, default=64,
+                   help="torch_dist: write a tensor of at most this many MiB as one chunk rather than one per TP "
+                        "rank (Megatron reshards on load either way); 0 keeps every TP chunk")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: source dtype)")
     p.add_argument("--report", default=None, help="write a JSON report (per-rank bytes, RSS, phase times)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
@@ -94,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     layout = TargetLayout(tp=ns.tp, pp=ns.pp, vpp=ns.vpp, ckpt_format=ns.ckpt_format,
                           transformer_impl=ns.transformer_impl,
                           make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype,
-                          ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm)
+                          ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm,
+                          whole_chunk_bytes=ns.whole_chunk_mb << 20)
     if ns.dst == "hf":
         from .layout import HFLayout, parse_size
 

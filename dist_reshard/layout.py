@@ -26,6 +26,7 @@ class TargetLayout:
     ep: int = 1  # expert-parallel size
     etp: int | None = None  # expert tensor-parallel size; None follows --tp, as Megatron-Core defaults it
     moe_grouped_gemm: bool = False  # legacy names of grouped-GEMM experts (`linear_fc1.weight{i}`)
+    whole_chunk_bytes: int = 64 << 20  # torch_dist: tensors up to this size are one chunk, not one per TP rank
 
     @property
     def chunks(self) -> int:
@@ -41,6 +42,8 @@ class TargetLayout:
                             ("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by)):
             if value < 1:
                 raise ConversionError(f"{flag} {value}: must be a positive integer")
+        if self.whole_chunk_bytes < 0:
+            raise ConversionError(f"--whole-chunk-mb {self.whole_chunk_bytes >> 20}: must not be negative")
         if self.ckpt_format not in CKPT_FORMATS:
             raise ConversionError(f"--ckpt-format {self.ckpt_format}: choose one of {', '.join(CKPT_FORMATS)}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:

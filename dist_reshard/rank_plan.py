@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -314,11 +315,16 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         kind = rule.kind_for(impl)
         full = full_shape(kind, shapes, padded_vocab)
         ones = (1,) * len(lead_offset)
-        for r in (range(tp) if kind is not Kind.REPLICATED else [0]):
+        dtype = _output_dtype(layout, index[names[0]], rule)
+        # torch_dist chunks need not follow the TP split (Megatron reshards on load). Writing a small tensor
+        # as one chunk keeps MoE models' tens of thousands of expert tensors from each becoming TP x 2
+        # chunks, read items and transfers; large tensors keep TP chunks, which bound what one writer holds.
+        if kind is Kind.REPLICATED or math.prod(full) * DTYPE_SIZES[dtype] <= layout.whole_chunk_bytes:
+            tp = 1
+        for r in range(tp):
             for b in blocks(kind, shapes, names, cfg, tp, r, padded_vocab):
                 goff = lead_offset + b.offset
-                out.append(((key, goff), Target(-1, -1, None, key, ones + b.shape,
-                                                _output_dtype(layout, index[names[0]], rule), b.pieces,
+                out.append(((key, goff), Target(-1, -1, None, key, ones + b.shape, dtype, b.pieces,
                                                 lead_shape + full, goff, len(lead_offset))))
 
     for rule in rules:

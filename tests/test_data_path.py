@@ -3,6 +3,7 @@ the background writers keep the first failure and end every rank with it, reads 
 one rank (everything a transfer to itself, files written side by side) gives the same bytes as two."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -97,7 +98,11 @@ def test_one_rank_small_buckets_equals_two_ranks(hf_models, tmp_path, fmt):
     load = hf_models["qwen3"]
     one, two = tmp_path / "one", tmp_path / "two"
     torchrun(1, *CONVERT, "--load", load, "--save", str(one), "--ckpt-format", fmt, "--bucket-mb", "1",
-             "--quiet", timeout=120)
+             "--quiet", "--report", str(tmp_path / "report.json"), timeout=120)
+    with open(tmp_path / "report.json") as f:
+        rank = json.load(f)["ranks"][0]
+    # One rank is every item's only destination: whole-row items go straight into the output tensors.
+    assert 0 < rank["bytes_read_in_place"] < rank["bytes_read"]
     torchrun(2, *CONVERT, "--load", load, "--save", str(two), "--ckpt-format", fmt, "--quiet", timeout=120)
     if fmt == "torch":  # the same rank files, byte for byte (the manifest names the command)
         a, b = tree_hashes(one), tree_hashes(two)

@@ -1,7 +1,8 @@
 """Real Megatron-Core loads the converter's output and reproduces the HF model's logits (float32).
 
 Legacy files: strict `load_state_dict` of each rank file into a GPTModel built for that rank.
-torch_dist: `dist_checkpointing.load`, also into a TP/PP/EP other than the one it was written for.
+torch_dist: `dist_checkpointing.load`, also into a TP/PP/EP other than the one it was written for, with
+small tensors written as whole chunks (the default) or as one chunk per TP rank (`whole_chunk_bytes=0`).
 MoE models (Mixtral, Qwen2-MoE with its shared expert, Qwen3-MoE with dense layers mixed in) run with
 the allgather dispatcher in eval mode, as FORMATS.md section 8 describes.
 """
@@ -19,7 +20,7 @@ TWO_RANKS = [
     ("llama3", "torch", dict(tp=2, pp=1), None),
     ("llama3", "torch", dict(tp=1, pp=2), None),
     ("llama3", "torch", dict(tp=1, pp=2, vpp=2), None),
-    ("llama3", "torch_dist", dict(tp=2, pp=2), dict(load_tp=2, load_pp=1)),
+    ("llama3", "torch_dist", dict(tp=2, pp=2, whole_chunk_bytes=0), dict(load_tp=2, load_pp=1)),
     ("llama3", "torch_dist", dict(tp=2, pp=1), dict(load_tp=1, load_pp=2, load_vpp=2)),
     ("llama2", "torch", dict(tp=2, pp=1), None),
     ("llama3.1", "torch", dict(tp=2, pp=1), None),
@@ -40,7 +41,7 @@ TWO_RANKS = [
     # DeepSeek-V3: multi-latent attention, sigmoid router with expert bias, shared experts; FP8 source
     # against the HF model on the tensors it decodes to.
     ("deepseek_v3", "torch", dict(tp=1, pp=1, ep=2), None),
-    ("deepseek_v3", "torch_dist", dict(tp=2, pp=1), dict(load_tp=1, load_pp=2)),
+    ("deepseek_v3", "torch_dist", dict(tp=2, pp=1, whole_chunk_bytes=0), dict(load_tp=1, load_pp=2)),
     ("moonlight", "torch", dict(tp=2, pp=1), None),
     ("deepseek_v3_fp8", "torch", dict(tp=1, pp=2), None),
 ]
@@ -53,7 +54,7 @@ FOUR_RANKS = [
     ("qwen3_moe", "torch", dict(tp=1, pp=2, ep=2), None),
     ("qwen2_moe", "torch", dict(tp=2, pp=1, ep=2, etp=1), None),
     ("mixtral", "torch_dist", dict(tp=1, pp=1, ep=2, etp=2), dict(load_tp=2, load_pp=1, load_ep=2, load_etp=2)),
-    ("qwen3_moe", "torch_dist", dict(tp=2, pp=1, ep=2), dict(load_tp=1, load_pp=2, load_ep=2)),
+    ("qwen3_moe", "torch_dist", dict(tp=2, pp=1, ep=2, whole_chunk_bytes=0), dict(load_tp=1, load_pp=2, load_ep=2)),
     ("qwen2_moe", "torch_dist", dict(tp=1, pp=1, ep=4), dict(load_tp=2, load_pp=1, load_ep=2)),
     ("deepseek_v3", "torch", dict(tp=2, pp=2, ep=2, etp=1), None),
 ]

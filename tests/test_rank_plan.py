@@ -1,5 +1,6 @@
 """The planner on its own: pure, property-checked on random models/layouts/worlds, and fast at 405B scale."""
 
+import math
 import time
 from collections import defaultdict
 
@@ -99,15 +100,15 @@ def test_plan_is_deterministic():
     assert a.items == b.items and a.transfers == b.transfers and a.buckets == b.buckets
 
 
-@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
-def test_405b_plan_for_256_ranks_in_seconds(fmt):
+@pytest.mark.parametrize("fmt,world", [("torch", 256), ("torch_dist", 256), ("torch_dist", 1024)])
+def test_405b_plan_for_hundreds_of_ranks_in_seconds(fmt, world):
     config, index = synthetic(LLAMA_405B)
     start = time.perf_counter()
-    plan = make_plan(family_for("LlamaForCausalLM"), index, config, TargetLayout(tp=8, pp=14, ckpt_format=fmt), 256)
+    plan = make_plan(family_for("LlamaForCausalLM"), index, config, TargetLayout(tp=8, pp=14, ckpt_format=fmt), world)
     elapsed = time.perf_counter() - start
     assert elapsed < 60, f"planning took {elapsed:.1f}s"  # a generous guard; the benchmark reports the figure
     acc = plan.accounting()
-    share = plan.source_bytes / 256
+    share = plan.source_bytes / world
     assert max(a["bytes_read"] for a in acc) <= share + plan.largest_item_bytes
     assert min(a["bytes_read"] for a in acc) > 0
     assert sum(a["bytes_read"] for a in acc) == plan.source_bytes  # read once in total
@@ -151,24 +152,43 @@ def test_moe_plan_at_scale(shape, layout, world):
     assert experts, "expert targets planned"
 
 
-def test_deepseek_v3_671b_fp8_plan_for_256_ranks():
-    """The full DeepSeek-V3 index as published (FP8 weights, 128 x 128 scales), headers only, over 256 ranks:
-    every stored byte read once, each rank's reads within 10% of 1/256 plus the largest slice, and its
-    resident bytes within 10% of 1/256 of the bf16 model it writes plus that slice."""
+@pytest.mark.parametrize("world", [256, 1024])
+def test_deepseek_v3_671b_fp8_plan_for_hundreds_of_ranks(world):
+    """The full DeepSeek-V3 index as published (FP8 weights, 128 x 128 scales), headers only, over N ranks:
+    every stored byte read once, each rank's reads within 10% of 1/N plus the largest slice, and its
+    resident bytes within 10% of 1/N of the bf16 model it writes plus that slice."""
     from synthetic import deepseek_v3
 
     config, index = deepseek_v3()
     start = time.perf_counter()
     plan = make_plan(family_for(config.architecture), index, config,
-                     TargetLayout(tp=8, pp=1, ep=32, ckpt_format="torch_dist"), 256)
+                     TargetLayout(tp=8, pp=1, ep=32, ckpt_format="torch_dist"), world)
     assert time.perf_counter() - start < 300  # a generous guard for a loaded 2-core CI machine
     acc = plan.accounting()
     stored = sum(t.nbytes + (t.scale.nbytes if t.scale else 0) for t in index.values())
     assert stored <= plan.source_bytes <= 1.001 * stored  # scale rows shared by two reads are read twice
-    share, slice_ = plan.source_bytes / 256, plan.largest_item_bytes
+    share, slice_ = plan.source_bytes / world, plan.largest_item_bytes
     assert max(a["bytes_read"] for a in acc) <= 1.1 * share + slice_
     written = sum(u.nbytes for u in plan.units)
     assert written > 1.9 * stored  # FP8 in, bf16 out
-    assert max(a["resident_bytes"] for a in acc) <= 1.1 * written / 256 + slice_ + DEFAULT_BUCKET_BYTES
+    assert max(a["resident_bytes"] for a in acc) <= 1.1 * written / world + slice_ + DEFAULT_BUCKET_BYTES
     assert {"decoder.layers.5.mlp.router.expert_bias", "decoder.layers.0.self_attention.linear_q_down_proj.weight",
             "decoder.layers.60.mlp.experts.experts.linear_fc2.weight"} <= {t.key for t in plan.targets}
+
+
+@pytest.mark.parametrize("whole_chunk_bytes", [0, 64 << 20, 1 << 40])
+def test_torch_dist_chunks_whole_up_to_the_threshold(whole_chunk_bytes):
+    """torch_dist tensors up to --whole-chunk-mb are one chunk; larger ones get one chunk per TP rank (two per
+    rank for SwiGLU's halves); replicated ones are always one."""
+    config, index = synthetic(dict(LLAMA_405B, num_hidden_layers=2))
+    plan = make_plan(family_for("LlamaForCausalLM"), index, config,
+                     TargetLayout(tp=8, ckpt_format="torch_dist", whole_chunk_bytes=whole_chunk_bytes), 16)
+    chunks = defaultdict(list)
+    for t in plan.targets:
+        chunks[t.key, t.global_offset[:t.lead]].append(t)  # one layer's tensor
+    assert len(chunks) == 2 * 6 + 3
+    for (key, _), ts in chunks.items():
+        nbytes = sum(t.nbytes for t in ts)
+        whole = "norm" in key or nbytes <= whole_chunk_bytes
+        assert len(ts) == (1 if whole else 8) * (2 if "linear_fc1.weight" in key else 1), key
+        assert nbytes == math.prod(ts[0].global_shape[ts[0].lead:]) * 2  # the chunks tile the tensor

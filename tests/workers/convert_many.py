@@ -21,7 +21,8 @@ if __name__ == "__main__":
             layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
                                   transformer_impl=case.get("impl", "transformer_engine"), dtype=case.get("dtype"),
                                   ep=case.get("ep", 1), etp=case.get("etp"),
-                                  moe_grouped_gemm=case.get("grouped", False))
+                                  moe_grouped_gemm=case.get("grouped", False),
+                                  whole_chunk_bytes=case.get("whole_chunk_bytes", TargetLayout.whole_chunk_bytes))
         job = run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True,
                           bucket_bytes=case.get("bucket_bytes", 256 << 20), src=case.get("src", "hf"),
                           hf_config=case.get("hf_config")))

@@ -103,6 +103,10 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
         if mtp and opts.drop_mtp:
             index = {n: t for n, t in index.items() if n not in mtp}
             dropped = len(mtp)
+    if getattr(opts.layout, "legacy_gpt", False):
+        from .legacy_gpt import check_target
+
+        check_target(family, cfg)
     plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
                      skip_paths=skip_paths, source=source)
     return plan, cfg, family, index, source, dropped
@@ -429,6 +433,10 @@ def _output_args(opts: Options, plan: Plan, cfg, family, source):
         for k, v in vars(source.args).items():  # training flags and the stored HF config travel along
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
+    if getattr(opts.layout, "legacy_gpt", False):
+        from .legacy_gpt import ARGS
+
+        vars(args).update(ARGS)
     return args
 
 
@@ -471,7 +479,8 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             if hf_out:
                 digest.update(hf.write_file(path, [(k, DTYPE_NAMES[v.dtype], v) for k, v in containers[None].items()]))
             else:
-                legacy.write_file(path, containers, args, digest=digest)
+                legacy.write_file(path, containers, args, digest=digest,
+                                  legacy_gpt=getattr(opts.layout, "legacy_gpt", False))
             written.append(manifest.record_done(staging, unit.path, key, digest=digest))
             faults.maybe_fail(me, "write")
 

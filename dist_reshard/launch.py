@@ -10,6 +10,7 @@ summary and writes the `--report` JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -23,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", choices=["hf", "mcore"], required=True,
                    help="source format: HF safetensors, or a Megatron-Core checkpoint (torch or torch_dist, "
                         "any layout; detected from its files)")
-    p.add_argument("--dst", choices=["mcore", "hf"], required=True, help="destination format")
+    p.add_argument("--dst", choices=["mcore", "hf", "legacy"], required=True,
+                   help="destination format (legacy: Megatron-LM's pre-Megatron-Core GPT names, torch files)")
     p.add_argument("--load", required=True,
                    help="source folder (HF: config.json + *.safetensors; mcore: the folder holding "
                         "latest_checkpointed_iteration.txt or an iter_* folder)")
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                           make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype,
                           ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm,
                           whole_chunk_bytes=ns.whole_chunk_mb << 20)
+    if ns.dst == "legacy":  # the legacy GPT model has one file format and the local layer names
+        layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)
     if ns.dst == "hf":
         from .layout import HFLayout, parse_size
 

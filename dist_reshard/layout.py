@@ -27,6 +27,7 @@ class TargetLayout:
     etp: int | None = None  # expert tensor-parallel size; None follows --tp, as Megatron-Core defaults it
     moe_grouped_gemm: bool = False  # legacy names of grouped-GEMM experts (`linear_fc1.weight{i}`)
     whole_chunk_bytes: int = 64 << 20  # torch_dist: tensors up to this size are one chunk, not one per TP rank
+    legacy_gpt: bool = False  # torch files under pre-Megatron-Core GPT names (`--dst legacy`, legacy_gpt.py)
 
     @property
     def chunks(self) -> int:

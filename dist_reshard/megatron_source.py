@@ -21,6 +21,7 @@ from argparse import Namespace
 from collections import defaultdict
 from dataclasses import dataclass
 
+from . import legacy_gpt
 from .dtypes import DTYPE_NAMES
 from .errors import ConversionError
 from .families import family_for
@@ -265,6 +266,10 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
         raise ConversionError(f"{folder}: no mp_rank_*/model_optim_rng.pt files")
     meta = {f: read_pt_metadata(f) for f in rank_files}
     first, _ = meta[rank_files[0]]
+    legacy_version = None
+    if isinstance(first, dict) and legacy_gpt.is_legacy_gpt(first):  # pre-Megatron-Core GPT names
+        meta, legacy_version = legacy_gpt.as_mcore_files(meta, rank_files[0])
+        first, _ = meta[rank_files[0]]
     args = first.get("args") if isinstance(first, dict) else None
     if not isinstance(args, Namespace):
         raise ConversionError(f"{rank_files[0]}: no 'args' namespace; cannot tell the model or its layout")
@@ -341,6 +346,8 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
                 _add_covers(covers, rule, impl, names, cfg, tp, r, padded, t.name, t.shape, file)
             for n, shape in zip(names, hf_shapes(rule, cfg)):
                 logical[n] = _logical_tensor(n, shape, dtype)
+    if legacy_version is not None:
+        covers = legacy_gpt.reorder_qkv(covers, legacy_version, cfg.num_attention_heads // layout.tp, cfg.kv_channels)
     return MegatronSource(path, "torch", args, cfg, family, layout, stored, dict(covers), logical, rank_files)
 
 

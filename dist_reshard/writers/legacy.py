@@ -51,13 +51,20 @@ def _skip_zip_crc() -> None:
 
 
 def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: Namespace,
-               digest: dict | None = None) -> int:
+               digest: dict | None = None, legacy_gpt: bool = False) -> int:
     """Write one rank file; returns its size. The file is fsynced before the size is reported.
 
     With `digest` (a dict), it is filled with the file's {"size", <file hash>}, hashed as the bytes were
-    written (left empty if the streamed bytes cannot be trusted to be the file's: the caller hashes it)."""
+    written (left empty if the streamed bytes cannot be trusted to be the file's: the caller hashes it).
+    `legacy_gpt`: the containers go in under pre-Megatron-Core names, without `_extra_state` entries (a
+    Megatron-LM older than them would refuse them; newer ones default them on load)."""
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": args.iteration}
     for name, tensors in containers.items():
+        if legacy_gpt:
+            from ..legacy_gpt import to_legacy
+
+            state[name] = to_legacy(tensors, tied_head_on_last_stage=not args.untie_embeddings_and_output_weights)
+            continue
         model = dict(sorted(tensors.items()))
         for module in linear_modules(list(model)):
             model[f"{module}._extra_state"] = None

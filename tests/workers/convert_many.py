@@ -3,6 +3,7 @@
 argv[1] is a JSON file with a list of cases; each case's job report is written next to its output.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,6 +24,8 @@ if __name__ == "__main__":
                                   ep=case.get("ep", 1), etp=case.get("etp"),
                                   moe_grouped_gemm=case.get("grouped", False),
                                   whole_chunk_bytes=case.get("whole_chunk_bytes", TargetLayout.whole_chunk_bytes))
+            if case.get("dst") == "legacy":  # pre-Megatron-Core GPT names (as launch.py sets them)
+                layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)
         job = run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True,
                           bucket_bytes=case.get("bucket_bytes", 256 << 20), src=case.get("src", "hf"),
                           hf_config=case.get("hf_config")))

@@ -244,9 +244,9 @@ def check_target(family, cfg) -> None:
     unmapped = next((r for r in family.rules if (r.local or r.megatron).replace("decoder.layers.{i}.", "")
                      not in _TO_LEGACY and r.megatron not in _OUTER_TO_LEGACY), None)
     refusals = (
-        (cfg.num_experts, f"{cfg.architecture} is a mixture of experts; the legacy GPT model has no routed experts"),
         (cfg.mla, f"{cfg.architecture} uses multi-latent attention; the legacy GPT model has only a fused "
                   f"query_key_value"),
+        (cfg.num_experts, f"{cfg.architecture} is a mixture of experts; the legacy GPT model has no routed experts"),
         (unmapped, f"{cfg.architecture} tensor {unmapped.hf[0].format(i=0, e=0)!r} ({unmapped.megatron}) has no "
                    f"counterpart in the legacy GPT model" if unmapped else ""),
         (cfg.rope_theta != ROPE_BASE, f"config.json rope_theta = {cfg.rope_theta:g}, but the legacy GPT model always "

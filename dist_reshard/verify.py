@@ -102,6 +102,11 @@ def check_against(out: str, src: str) -> list[str]:
                 if path not in files:
                     files.clear()  # one rank file mapped at a time
                     files[path] = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
+                    if layout.legacy_gpt:  # pre-Megatron-Core names: compared under the Megatron-Core ones
+                        from .legacy_gpt import to_mcore
+
+                        files[path] = {c: to_mcore(v, path) if c.startswith("model") else v
+                                       for c, v in files[path].items()}
                 actual = files[path].get(t.container, {}).get(t.key)
                 if actual is None:
                     problems.append(f"{path}: tensor {t.container}/{t.key} missing")

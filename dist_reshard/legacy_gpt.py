@@ -50,13 +50,13 @@ _TO_LEGACY = {mcore: legacy for legacy, mcore in LAYER}
 _OUTER_TO_LEGACY = {mcore: path for path, mcore in OUTER[:3]}
 
 
-def _containers(state: dict) -> list[str]:
+def model_containers(state: dict) -> list[str]:
     """The model containers of a rank file: `model`, or `model0`, `model1`, ... with virtual pipeline."""
     return [c for c in state if c == "model" or (c.startswith("model") and c[5:].isdigit())]
 
 
 def is_legacy_gpt(state: dict) -> bool:
-    return any(isinstance(state[c], dict) and "language_model" in state[c] for c in _containers(state))
+    return any(isinstance(state[c], dict) and "language_model" in state[c] for c in model_containers(state))
 
 
 def _older_name(key: str) -> str:
@@ -166,7 +166,7 @@ def as_mcore_files(meta: dict, first: str) -> tuple[dict, float]:
         state = dict(obj, checkpoint_version=3.0)
         if isinstance(obj.get("args"), Namespace):
             state["args"] = normalise_args(obj["args"], version, f)
-        for c in _containers(obj):
+        for c in model_containers(obj):
             state[c] = to_mcore(obj[c], f)
         out[f] = (state, offsets)
     return out, version

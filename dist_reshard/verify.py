@@ -103,10 +103,9 @@ def check_against(out: str, src: str) -> list[str]:
                     files.clear()  # one rank file mapped at a time
                     files[path] = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
                     if layout.legacy_gpt:  # pre-Megatron-Core names: compared under the Megatron-Core ones
-                        from .legacy_gpt import to_mcore
+                        from .legacy_gpt import model_containers, to_mcore
 
-                        files[path] = {c: to_mcore(v, path) if c.startswith("model") else v
-                                       for c, v in files[path].items()}
+                        files[path] = {c: to_mcore(files[path][c], path) for c in model_containers(files[path])}
                 actual = files[path].get(t.container, {}).get(t.key)
                 if actual is None:
                     problems.append(f"{path}: tensor {t.container}/{t.key} missing")

@@ -204,6 +204,19 @@ def _make_old_version(src, dst, version, tp):
     return dst
 
 
+def _as_megatron_lm_wrote_it(src, dst):
+    """A copy whose args are Megatron-LM's own: no stored HF config, and for a model without grouped-query
+    attention its defaults `group_query_attention=False`, `num_query_groups=1` (read only with GQA)."""
+    shutil.copytree(src, dst)
+    for f in _rank_files(dst):
+        sd = torch.load(f, weights_only=False)
+        for field in ("hf_config", "hf_architecture", "hf_model_type", "model_family"):
+            delattr(sd["args"], field)
+        sd["args"].num_query_groups = 1
+        torch.save(sd, f)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def megatron_results(models, converted, tmp_path_factory):
     root = tmp_path_factory.mktemp("legacy_mcore")
@@ -215,6 +228,8 @@ def megatron_results(models, converted, tmp_path_factory):
              tp=1, pp=2),
         dict(name="v3.0", load=converted["llama2-tp2"], hf=models["llama2"], format="torch_dist", tp=2, pp=1),
     ]
+    cases.append(dict(name="megatron-lm-args", load=_as_megatron_lm_wrote_it(converted["llama2-tp2"], str(
+        root / "mlm")), hf=models["llama2"], format="torch_dist", tp=1, pp=2))
     for v in OLD_VERSIONS:
         old = _make_old_version(converted["llama2-tp2"], str(root / f"old{v}"), v, tp=2)
         cases.append(dict(name=f"v{v}", load=old, hf=models["llama2"], format="torch_dist", tp=2, pp=1))
@@ -228,7 +243,8 @@ def megatron_results(models, converted, tmp_path_factory):
         return {r["name"]: r for r in json.load(f)}
 
 
-@pytest.mark.parametrize("name", ["gqa-dist", "qwen2-torch", "tied-dist", "v3.0"] + [f"v{v}" for v in OLD_VERSIONS])
+@pytest.mark.parametrize("name", ["gqa-dist", "qwen2-torch", "tied-dist", "megatron-lm-args", "v3.0"]
+                         + [f"v{v}" for v in OLD_VERSIONS])
 def test_megatron_core_loads_a_legacy_source_with_hf_logits(megatron_results, name):
     assert megatron_results[name]["rel_diff"] <= TOLERANCE, megatron_results[name]
 

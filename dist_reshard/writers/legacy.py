@@ -9,6 +9,7 @@ from argparse import Namespace
 
 import torch
 
+from ..legacy_gpt import to_legacy
 from ..manifest import FILE_HASH, new_file_hasher
 from .extra_state import linear_modules
 
@@ -61,8 +62,6 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": args.iteration}
     for name, tensors in containers.items():
         if legacy_gpt:
-            from ..legacy_gpt import to_legacy
-
             state[name] = to_legacy(tensors, tied_head_on_last_stage=not args.untie_embeddings_and_output_weights)
             continue
         model = dict(sorted(tensors.items()))

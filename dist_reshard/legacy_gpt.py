@@ -96,9 +96,9 @@ def to_mcore(container: dict, where: str) -> dict:
         elif key in outer:
             out[outer[key]] = value
         else:
-            raise ConversionError(f"{where}: tensor {name!r} is not part of a legacy GPT model dense Megatron "
-                                  f"can convert (known: {', '.join(p for p, _ in LAYER)} per layer, embedding, "
-                                  f"final_norm, output_layer)")
+            raise ConversionError(f"{where}: tensor {name!r} is not part of the dense legacy GPT models "
+                                  f"dist_reshard converts (known: {', '.join(p for p, _ in LAYER)} per layer, "
+                                  f"embedding, final_norm, output_layer)")
     return out
 
 

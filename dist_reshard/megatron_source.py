@@ -51,7 +51,7 @@ class Cover:
 @dataclass
 class MegatronSource:
     path: str
-    format: str  # "torch" | "torch_dist"
+    format: str  # "torch" | "torch_dist" | "legacy_gpt" (torch files under pre-Megatron-Core names)
     args: Namespace
     config: ModelConfig
     family: Family
@@ -348,7 +348,8 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
                 logical[n] = _logical_tensor(n, shape, dtype)
     if legacy_version is not None:
         covers = legacy_gpt.reorder_qkv(covers, legacy_version, cfg.num_attention_heads // layout.tp, cfg.kv_channels)
-    return MegatronSource(path, "torch", args, cfg, family, layout, stored, dict(covers), logical, rank_files)
+    fmt = "torch" if legacy_version is None else "legacy_gpt"
+    return MegatronSource(path, fmt, args, cfg, family, layout, stored, dict(covers), logical, rank_files)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -155,6 +155,17 @@ def test_legacy_round_trip_through_megatron_core(converted, name):
         assert _same(again[k], v), k
 
 
+def test_inspect_reads_a_legacy_checkpoint(models, converted):
+    from dist_reshard.inspect import summary
+    from dist_reshard.logical import open_checkpoint
+
+    info = summary(converted["llama_tied-tp2pp2"])
+    assert (info["format"], info["family"], info["layout"]) == ("legacy_gpt", "llama", {"tp": 2, "pp": 2, "vpp": None})
+    ck, hf = open_checkpoint(converted["llama_tied-tp2pp2"]), load_hf_state(models["llama_tied"])
+    assert sorted(ck.names()) == sorted(hf)
+    assert _same(ck.tensor("model.layers.3.self_attn.k_proj.weight"), hf["model.layers.3.self_attn.k_proj.weight"])
+
+
 def test_verify_checks_legacy_files_against_the_hf_source(models, converted, tmp_path):
     from dist_reshard.verify import check_against, check_files
 
@@ -281,15 +292,26 @@ def test_moe_to_legacy_is_refused_through_the_cli(models, tmp_path):
     assert "--dst legacy: MixtralForCausalLM is a mixture of experts" in error
 
 
-def test_unknown_tensor_in_a_legacy_file_is_refused_through_the_cli(converted, tmp_path):
+def _extra_bias(sd):
+    sd["model"]["language_model"]["encoder"]["layers.1.mlp.dense_h_to_4h.bias"] = torch.zeros(256)
+    return "tensor 'language_model/encoder/layers.1.mlp.dense_h_to_4h.bias' is not part of"
+
+
+def _version_1_5(sd):
+    sd["checkpoint_version"] = 1.5
+    return "checkpoint_version 1.5 is not one Megatron-LM wrote (0, 1.0, 2.0 to 3.0); not supported"
+
+
+@pytest.mark.parametrize("edit", [_extra_bias, _version_1_5])
+def test_bad_legacy_files_are_refused_through_the_cli(converted, tmp_path, edit):
     src = str(tmp_path / "src")
     shutil.copytree(converted["llama_gqa-tp1"], src)
     f = _rank_files(src)[0]
     sd = torch.load(f, weights_only=False)
-    sd["model"]["language_model"]["encoder"]["layers.1.mlp.dense_h_to_4h.bias"] = torch.zeros(256)
+    expected = edit(sd)
     torch.save(sd, f)
-    error = _cli_error(tmp_path, "--src", "mcore", "--dst", "hf", "--load", src)
-    assert f"{f}: tensor 'language_model/encoder/layers.1.mlp.dense_h_to_4h.bias' is not part of" in error
+    error = _cli_error(tmp_path, "--src", "mcore", "--dst", "mcore", "--load", src, "--tp", "2")
+    assert f"dist_reshard: error: {f}: {expected}" in error, error
 
 
 def _config_folder(tmp_path, variant, **overrides):
@@ -341,7 +363,6 @@ def _position_embeddings(sd):
 
 @pytest.mark.parametrize("edit,expected", [
     (_position_embeddings, "tensor 'language_model/embedding/position_embeddings/weight': learned absolute"),
-    (lambda sd: sd.update(checkpoint_version=1.5), "checkpoint_version 1.5 is not one Megatron-LM wrote"),
     (lambda sd: sd.update(checkpoint_version=4.0), "checkpoint_version 4.0 is not one Megatron-LM wrote"),
     (lambda sd: sd.update(checkpoint_version=1.0), "checkpoint_version 1.0 predates grouped-query attention"),
     (_set_args(swiglu=False), "args.swiglu = False"),

@@ -200,7 +200,9 @@ def _config_from_args(args: Namespace) -> ModelConfig:
     return ModelConfig(
         architecture=arch, model_type=getattr(args, "hf_model_type", ""), num_layers=args.num_layers,
         hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=heads,
-        num_query_groups=getattr(args, "num_query_groups", None) or heads,
+        # Megatron-LM reads --num-query-groups (default 1) only with --group-query-attention.
+        num_query_groups=(getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", True)
+                          else None) or heads,
         kv_channels=getattr(args, "kv_channels", None) or args.hidden_size // heads,
         vocab_size=getattr(args, "true_vocab_size", None) or args.padded_vocab_size,
         max_position_embeddings=getattr(args, "max_position_embeddings", 4096),

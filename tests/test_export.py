@@ -188,3 +188,17 @@ def test_hf_config_folder_supplies_config_and_tokenizer(exported, tmp_path):
         assert json.load(f) == config
     with open(os.path.join(out, "tokenizer_config.json")) as f:
         assert json.load(f)["model_max_length"] == 128
+
+
+@pytest.mark.parametrize("gqa,groups", [(False, 4), (True, 1)])
+def test_megatron_lm_reads_num_query_groups_only_with_group_query_attention(gqa, groups):
+    """Megatron-LM's --num-query-groups defaults to 1 and means something only with --group-query-attention:
+    args from Megatron-LM itself, without GQA, have one key/value head per attention head."""
+    from argparse import Namespace
+
+    from dist_reshard.megatron_source import config_from_args
+
+    args = Namespace(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                     tensor_model_parallel_size=1, pipeline_model_parallel_size=1, padded_vocab_size=256,
+                     num_query_groups=1, group_query_attention=gqa)
+    assert config_from_args(args, "args").num_query_groups == groups

@@ -280,12 +280,12 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
     for f, (obj, _) in meta.items():
         version = obj.get("checkpoint_version", 0)
         if not isinstance(version, (int, float)) or version < 3.0:
-            raise ConversionError(f"{f}: checkpoint_version {version!r} is below 3.0 (older QKV order); "
-                                  f"not supported")
+            raise ConversionError(f"{f}: checkpoint_version {version!r} is below 3.0 with Megatron-Core names "
+                                  f"(older releases wrote only the legacy GPT names); not supported")
         if obj.get("iteration") != first.get("iteration"):
             raise ConversionError(f"{f}: iteration {obj.get('iteration')} differs from {rank_files[0]}'s "
                                   f"{first.get('iteration')} (mixed iterations)")
-    containers = [k for k in first if k == "model" or (k.startswith("model") and k[5:].isdigit())]
+    containers = legacy_gpt.model_containers(first)
     keys = {k for c in containers for k in first[c]}
     impl = _detect_impl(keys, family)
     grouped = any(".mlp.experts.linear_fc1.weight" in k for f in rank_files for c in containers

@@ -13,7 +13,7 @@ from ..legacy_gpt import to_legacy
 from ..manifest import FILE_HASH, new_file_hasher
 from .extra_state import linear_modules
 
-CHECKPOINT_VERSION = 3.0  # below 3.0 Megatron reorders QKV on load
+CHECKPOINT_VERSION = 3.0  # Megatron's current version; below 2.0 it reorders QKV on load
 
 
 class _HashingWriter:

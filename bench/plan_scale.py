@@ -29,6 +29,8 @@ CASES = {
     "llama-405b tp8 pp14 torch": (lambda: synthetic(LLAMA_405B), dict(tp=8, pp=14, ckpt_format="torch")),
     "llama-405b tp8 pp14 torch_dist": (lambda: synthetic(LLAMA_405B), dict(tp=8, pp=14, ckpt_format="torch_dist")),
     "deepseek-v3-671b-fp8 tp8 ep32 torch_dist": (deepseek_v3, dict(tp=8, pp=1, ep=32, ckpt_format="torch_dist")),
+    # Legacy files repeat every dense TP shard in each of the 32 EP files: 32x the transfers of torch_dist.
+    "deepseek-v3-671b-fp8 tp8 ep32 torch": (deepseek_v3, dict(tp=8, pp=1, ep=32, ckpt_format="torch")),
 }
 
 

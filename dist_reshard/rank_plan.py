@@ -443,9 +443,10 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             if not covering:
                 continue
             # A run sent to many files (dense weights duplicated across EP rank files) is cut finer, so
-            # that the reader's send buffers, not just its read, fit in a bucket.
-            fan_out = len({t.unit for _, t in covering})
-            rows_cap = max(1, max_item_bytes // max(1, src.row_bytes * fan_out))
+            # that the reader's send buffers, not just its read, fit in a bucket: by the bytes each row
+            # really fans out to (a row-parallel piece carries only its columns).
+            sent_per_row = sum(_piece_bytes(src, p, (0, 1)) for p, _ in covering)
+            rows_cap = max(1, max_item_bytes // max(1, sent_per_row, src.row_bytes))
             for a in range(lo, hi, rows_cap):
                 runs.append((src, (a, min(hi, a + rows_cap)), covering))
 

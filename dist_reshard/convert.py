@@ -423,7 +423,8 @@ def run(opts: Options) -> dict:
 
 def _output_args(opts: Options, plan: Plan, cfg, family, source):
     """Megatron args of the output; from a Megatron source, its own args carried over with the new layout."""
-    qkv_bias = any(t.key.endswith("linear_qkv.bias") for t in plan.targets)
+    # The language model's own features (a LLaVA vision encoder always has a QKV bias; its args are its own).
+    qkv_bias = any(t.key.endswith("linear_qkv.bias") and not t.key.startswith("vision_model.") for t in plan.targets)
     qk_norm = any("q_layernorm" in t.key for t in plan.targets)
     source_dtype = cfg.dtype
     if source is not None:

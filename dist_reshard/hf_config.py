@@ -57,6 +57,11 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # Further layer stacks of a composite model, by name (LLaVA's "vision" encoder), each its own config.
+    stacks: tuple[tuple[str, "ModelConfig"], ...] = ()
+
+    def stack(self, name: str) -> "ModelConfig":
+        return dict(self.stacks)[name]
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
@@ -88,6 +93,9 @@ class ModelConfig:
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
+
+# Composite image-text models: a language model config plus a vision encoder's (see llava_config.py).
+MULTIMODAL = ("LlavaForConditionalGeneration",)
 
 _REQUIRED = object()
 
@@ -130,6 +138,10 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
     archs = cfg.get("architectures")
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise ConversionError(f"{path}: no 'architectures' list, cannot detect the model family")
+    if archs[0] in MULTIMODAL:
+        from .llava_config import llava_config
+
+        return llava_config(cfg, path)
     heads = _int(cfg, "num_attention_heads", path)
     hidden = _int(cfg, "hidden_size", path)
     rope_params = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}

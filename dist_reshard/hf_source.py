@@ -16,7 +16,7 @@ def open_hf_folder(folder: str) -> tuple[ModelConfig, Family, dict[str, SourceTe
     cfg = read_config(folder)
     config_path = os.path.join(folder, "config.json")
     family = family_for(cfg.architecture, config_path)
-    return cfg, family, dequantized_index(index_folder(folder), cfg, config_path)
+    return cfg, family, family.source_index(dequantized_index(index_folder(folder), cfg, config_path), cfg)
 
 
 

@@ -112,6 +112,14 @@ class TargetLayout:
                     placement[first + j] = (p, v, j)
         return placement
 
+    def place(self, rule, layer: int | None, placement: list[tuple[int, int, int]]) -> tuple[int, int, int | None]:
+        """(pipeline rank, virtual chunk, local layer index) of one instance of a rule: decoder layers by
+        `placement`, a second stack (a vision encoder) whole on the first stage, other tensors on the first
+        or last stage (`Rule.home`)."""
+        if layer is None:
+            return (0, 0, None) if rule.home == "first" else (self.pp - 1, self.chunks - 1, None)
+        return (0, 0, layer) if rule.stack else placement[layer]
+
     def legacy_rank_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
         """A rank file's path inside the iteration folder."""
         name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if self.pp > 1 else "") + (

@@ -8,6 +8,7 @@ a Megatron block, whichever side is the source.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -47,10 +48,24 @@ class Rule:
     shape: Callable[[ModelConfig], list] | None = None  # the HF shapes, where the kind alone cannot tell
     keep_dtype: bool = False  # --dtype never casts it (routing biases Megatron keeps in float32)
     local_kind: Kind | None = None  # the local spec's split when it differs (MLA's down projections)
+    # A second layer stack (a vision encoder): the ModelConfig sub-config (`ModelConfig.stacks`) that gives
+    # its layer count and attention geometry. Its layers all live on the first pipeline stage.
+    stack: str | None = None
+    placement: str | None = None  # pipeline stage of a tensor outside the layers: "first" or "last"
+    unsqueeze: int = 0  # leading singleton axes the Megatron tensor has beyond the HF one (a [1, 1, H] token)
 
     @property
     def per_layer(self) -> bool:
-        return self.megatron.startswith(LAYER)
+        return "{i}" in self.megatron
+
+    def config(self, cfg: ModelConfig) -> ModelConfig:
+        """The config whose layers and attention geometry this rule follows."""
+        return cfg.stack(self.stack) if self.stack else cfg
+
+    @property
+    def home(self) -> str:
+        """The pipeline stage ("first" or "last") of a tensor outside the layer stacks."""
+        return self.placement or ("first" if self.megatron.startswith("embedding.") else "last")
 
     def applies(self, cfg: ModelConfig, layer: int) -> bool:
         return self.where == "all" or cfg.is_moe_layer(layer) == (self.where == "moe")
@@ -90,6 +105,16 @@ def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
     return Rule(megatron, names, kind, **kw)
 
 
+def prefixed(rules: tuple[Rule, ...], megatron: str, hf: Callable[[str], str], **changes) -> tuple[Rule, ...]:
+    """A family's rules as one part of a composite model: Megatron names under `megatron` (e.g.
+    `language_model.`), HF names renamed by `hf`, and `changes` (e.g. placement) applied to every row."""
+    def one(r: Rule) -> Rule:
+        names = {f: megatron + getattr(r, f) for f in ("megatron", "local", "dist_key", "tied_to", "grouped",
+                                                        "local_dist_key") if getattr(r, f)}
+        return dataclasses.replace(r, hf=tuple(hf(n) for n in r.hf), **names, **changes)
+    return tuple(one(r) for r in rules)
+
+
 def name_pattern(template: str) -> re.Pattern:
     """A family name template as a regex: `{i}` any layer, `{e}` any expert (captured as group 1)."""
     return re.compile(re.escape(template).replace(r"\{i\}", r"\d+").replace(r"\{e\}", r"(\d+)"))
@@ -109,6 +134,7 @@ def instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None
     """(global layer, global expert) of every tensor set a rule stands for in this model."""
     if rule.when and not cfg.flag(rule.when):
         return []
+    cfg = rule.config(cfg)
     layers = [i for i in range(cfg.num_layers) if rule.applies(cfg, i)] if rule.per_layer else [None]
     experts = range(cfg.num_experts) if rule.expert else [None]
     return [(i, e) for i in layers for e in experts]
@@ -122,6 +148,13 @@ class Family:
 
     def check(self, cfg: ModelConfig) -> None:
         """Family-specific refusals (features the table does not express)."""
+
+    def check_layout(self, layout, cfg: ModelConfig) -> None:
+        """Family-specific refusals of a target layout."""
+
+    def source_index(self, index: dict, cfg: ModelConfig) -> dict:
+        """An HF folder's tensors under the names the table uses (older checkpoint layouts renamed)."""
+        return index
 
 
 @dataclass(frozen=True)
@@ -207,6 +240,7 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
 
 def hf_shapes(rule: Rule, cfg: ModelConfig) -> list[tuple[int, ...]]:
     """The HF tensors' shapes a rule implies for this config (for checking a source, or rebuilding one)."""
+    cfg = rule.config(cfg)
     if rule.shape is not None:
         return rule.shape(cfg)
     h, d, v = cfg.hidden_size, cfg.kv_channels, cfg.vocab_size

@@ -11,6 +11,7 @@ from argparse import Namespace
 
 from .hf_config import ModelConfig
 from .layout import TargetLayout
+from .llava_config import llava_args
 
 _PARAMS_DTYPE = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "torch.float32"}
 
@@ -83,6 +84,7 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         model_family=family,
     )
     vars(args).update(_mla_args(cfg))  # MLA replaces some of the attention fields above
+    vars(args).update(llava_args(cfg))  # the vision encoder and projector of a LLaVA model
     return args
 
 

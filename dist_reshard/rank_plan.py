@@ -301,19 +301,20 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
 
     def add_legacy(unit_key, container, key, rule, names, tp, tp_rank):
         shapes = [index[n].shape for n in names]
-        blks = blocks(rule.kind_for(impl), shapes, names, cfg, tp, tp_rank, padded_vocab)
+        blks = blocks(rule.kind_for(impl), shapes, names, rule.config(cfg), tp, tp_rank, padded_vocab)
         pieces, row = [], 0
         for b in blks:
             pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
             row += b.shape[0]
-        shape = (row,) + blks[0].shape[1:]
+        shape = (1,) * rule.unsqueeze + (row,) + blks[0].shape[1:]
         out.append((unit_key, Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]], rule),
-                                     tuple(pieces))))
+                                     tuple(pieces), lead=rule.unsqueeze)))
 
     def add_dist(key, lead_offset, lead_shape, rule, names, tp):
         shapes = [index[n].shape for n in names]
         kind = rule.kind_for(impl)
         full = full_shape(kind, shapes, padded_vocab)
+        lead_offset, lead_shape = lead_offset + (0,) * rule.unsqueeze, lead_shape + (1,) * rule.unsqueeze
         ones = (1,) * len(lead_offset)
         dtype = _output_dtype(layout, index[names[0]], rule)
         # torch_dist chunks need not follow the TP split (Megatron reshards on load). Writing a small tensor
@@ -322,7 +323,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         if kind is Kind.REPLICATED or math.prod(full) * DTYPE_SIZES[dtype] <= layout.whole_chunk_bytes:
             tp = 1
         for r in range(tp):
-            for b in blocks(kind, shapes, names, cfg, tp, r, padded_vocab):
+            for b in blocks(kind, shapes, names, rule.config(cfg), tp, r, padded_vocab):
                 goff = lead_offset + b.offset
                 out.append(((key, goff), Target(-1, -1, None, key, ones + b.shape, dtype, b.pieces,
                                                 lead_shape + full, goff, len(lead_offset))))
@@ -338,11 +339,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         for i, e in instances(rule, cfg):
             names = hf_rule.hf_names(i, e)
             _check_shapes(hf_rule, names, index, cfg)
-            if i is None:
-                p, v, j = (0, 0, None) if rule.megatron.startswith("embedding.") else (layout.pp - 1,
-                                                                                       layout.chunks - 1, None)
-            else:
-                p, v, j = placement[i]
+            p, v, j = layout.place(rule, i, placement)
             if legacy:
                 container = layout.container(v)
                 if e is None:
@@ -360,7 +357,8 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
                 if i is None:
                     add_dist(rule.torch_dist_key(impl), (), (), rule, names, tp)
                 elif stacked:
-                    lead = ((i, e), (cfg.num_layers, cfg.num_experts)) if e is not None else ((i,), (cfg.num_layers,))
+                    layers = rule.config(cfg).num_layers
+                    lead = ((i, e), (layers, cfg.num_experts)) if e is not None else ((i,), (layers,))
                     add_dist(rule.torch_dist_key(impl), *lead, rule, names, tp)
                 else:
                     lead = ((e,), (cfg.num_experts,)) if e is not None else ((), ())
@@ -614,6 +612,8 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
         raise ConversionError(f"world size {world}: must be at least 1")
     layout.validate(cfg)
     family.check(cfg)
+    if layout.ckpt_format != "hf":
+        family.check_layout(layout, cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
         pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg))

@@ -79,3 +79,33 @@ def save_model(model, folder: str, max_shard_size: str = "200KB") -> str:
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
     return folder
+
+
+# LLaVA: a tiny CLIP tower (3 layers, 4 heads of 8, 32 x 32 images in 8 x 8 patches: 16 patches and a class
+# token) and a tiny Llama. vision_feature_layer -2 leaves the last CLIP layer and post_layernorm unused.
+LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
+                    patch_size=8, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+LLAVA_IMAGE_TOKEN = 999  # the last vocabulary entry; HF repeats it once per image feature
+
+
+def build_llava(seed: int = 0, dtype: str = "float32", text: dict | None = None, **overrides):
+    """A seeded tiny LlavaForConditionalGeneration (CLIP + Llama), norms and biases randomised."""
+    import torch
+    import transformers
+
+    text_config = transformers.LlamaConfig(**dict(BASE, rope_theta=500000.0, tie_word_embeddings=False,
+                                                  **(text or {})))
+    vision_config = transformers.CLIPVisionConfig(**LLAVA_VISION)
+    config = transformers.LlavaConfig(vision_config=vision_config, text_config=text_config,
+                                      image_token_index=LLAVA_IMAGE_TOKEN, image_seq_length=16, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                p.uniform_(0.5, 1.5) if name.endswith("weight") else p.normal_(0.0, 0.5)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.5)
+            elif "embedding" in name and "vision" in name:
+                p.normal_(0.0, 0.5)
+    return model.to(getattr(torch, dtype)).eval()

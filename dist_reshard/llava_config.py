@@ -1,0 +1,141 @@
+"""LLaVA's `config.json` (`LlavaForConditionalGeneration`): the language model's facts, with the CLIP vision
+encoder as a second layer stack (`ModelConfig.stacks`, name "vision").
+
+Megatron's CLIPViTModel returns the output of its last layer, without the final LayerNorm; HF LLaVA takes
+`hidden_states[vision_feature_layer]` of its CLIP tower (index 0 is the input of layer 0, after
+`pre_layrnorm`), so Megatron builds `vision_feature_layer` layers when it counts from the front and
+`num_hidden_layers + 1 + vision_feature_layer` when from the back (-2, the default: all but the last one).
+The CLIP layers past those and `post_layernorm` take no part in LLaVA's forward.
+`vision_feature_select_strategy` "default" drops the class token (Megatron's `drop_vision_class_token`),
+"full" keeps it.
+
+Published configs often write only the fields that differ from transformers' defaults, so the defaults of
+`LlamaConfig` / `MistralConfig` and of LlavaConfig's CLIP vision config fill what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import ConversionError
+
+TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    rms_norm_eps=1e-6, sliding_window=4096),
+}
+TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+# LlavaConfig's CLIP vision config (CLIP ViT-L/14 at 336 px).
+VISION_DEFAULTS = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       patch_size=14, image_size=336, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+VISION_ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def _sub(cfg: dict, key: str, path: str) -> dict:
+    sub = cfg.get(key)
+    if not isinstance(sub, dict):
+        raise ConversionError(f"{path}: field {key!r} is missing or not an object (a LLaVA config has both "
+                              f"text_config and vision_config)")
+    return sub
+
+
+def vision_layers(feature_layer, num_layers: int, path: str) -> int:
+    """How many CLIP layers Megatron builds so that its output is HF's `hidden_states[feature_layer]`."""
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise ConversionError(f"{path}: vision_feature_layer = {feature_layer!r}: Megatron-Core's LLaVAModel takes "
+                              f"the features of one vision layer, not a concatenation of several")
+    built = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 1 <= built <= num_layers:
+        raise ConversionError(f"{path}: vision_feature_layer = {feature_layer} selects the vision embeddings or a "
+                              f"layer past the {num_layers} CLIP layers; Megatron-Core's CLIPViTModel returns the "
+                              f"output of a layer (1 to {num_layers})")
+    return built
+
+
+def llava_config(cfg: dict, path: str):
+    from .hf_config import config_from_dict
+
+    text = _sub(cfg, "text_config", path)
+    vision = _sub(cfg, "vision_config", path)
+    text_type = text.get("model_type", "llama")
+    if text_type not in TEXT_DEFAULTS:
+        raise ConversionError(f"{path}: text_config.model_type = {text_type!r}: LLaVA conversion supports Llama and "
+                              f"Mistral language models")
+    vision_type = vision.get("model_type", "clip_vision_model")
+    if vision_type != "clip_vision_model":
+        raise ConversionError(f"{path}: vision_config.model_type = {vision_type!r}: only CLIP vision towers are "
+                              f"supported (SigLIP and others have no mapping to Megatron-Core's CLIPViTModel here)")
+    strategy = cfg.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ConversionError(f"{path}: vision_feature_select_strategy = {strategy!r} is not 'default' or 'full'")
+    act = cfg.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ConversionError(f"{path}: projector_hidden_act = {act!r}: Megatron-Core's projector runs the exact "
+                              f"GELU of the converted checkpoint's args; only 'gelu' is supported")
+    if cfg.get("multimodal_projector_bias", True) is not True:
+        raise ConversionError(f"{path}: multimodal_projector_bias = false: the LLaVA projector is converted with "
+                              f"its biases (Megatron's MLP projector with add_bias_linear)")
+    v = dict(VISION_DEFAULTS, **{k: x for k, x in vision.items() if x is not None})
+    if v["hidden_act"] not in VISION_ACTIVATIONS:
+        raise ConversionError(f"{path}: vision_config.hidden_act = {v['hidden_act']!r}: supported: "
+                              f"{', '.join(VISION_ACTIVATIONS)}")
+    if v["num_channels"] != 3:
+        raise ConversionError(f"{path}: vision_config.num_channels = {v['num_channels']}: Megatron-Core's "
+                              f"CLIPViTModel takes 3-channel images")
+    if v["image_size"] % v["patch_size"]:
+        raise ConversionError(f"{path}: vision_config.image_size {v['image_size']} is not a multiple of "
+                              f"patch_size {v['patch_size']}")
+    built = vision_layers(cfg.get("vision_feature_layer", -2), v["num_hidden_layers"], path)
+    heads = v["num_attention_heads"]
+    vision_cfg = config_from_dict(dict(
+        architectures=["CLIPVisionModel"], model_type=vision_type, hidden_size=v["hidden_size"],
+        intermediate_size=v["intermediate_size"], num_hidden_layers=built, num_attention_heads=heads,
+        num_key_value_heads=heads, vocab_size=1, max_position_embeddings=(v["image_size"] // v["patch_size"]) ** 2 + 1,
+        rms_norm_eps=v["layer_norm_eps"]), f"{path} (vision_config)")
+    vision_cfg = dataclasses.replace(vision_cfg, raw=v)
+    text_full = dict(TEXT_DEFAULTS[text_type], **{k: x for k, x in text.items() if x is not None})
+    text_full["architectures"] = [TEXT_ARCHITECTURES[text_type]]
+    text_full.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+    lm = config_from_dict(text_full, f"{path} (text_config)")
+    return dataclasses.replace(lm, architecture=cfg["architectures"][0], model_type=str(cfg.get("model_type", "llava")),
+                               tie_word_embeddings=bool(cfg.get("tie_word_embeddings", lm.tie_word_embeddings)),
+                               dtype=lm.dtype or _dtype(cfg), raw=cfg, stacks=(("vision", vision_cfg),))
+
+
+def _dtype(cfg: dict):
+    from .hf_config import _DTYPE_NAMES
+
+    d = cfg.get("dtype", cfg.get("torch_dtype"))
+    return _DTYPE_NAMES.get(d) if isinstance(d, str) else None
+
+
+def llava_args(cfg) -> dict:
+    """What Megatron-LM's LLaVA training (pretrain_vlm.py, examples/multimodal) reads to build the model, and
+    the vision encoder's own sizes (its config is the language config with these replaced)."""
+    if not cfg.stacks:
+        return {}
+    vision = cfg.stack("vision")
+    v = vision.raw
+    return dict(
+        vision_model_type="clip",
+        language_model_type=cfg.raw.get("text_config", {}).get("model_type", "llama"),
+        encoder_num_layers=vision.num_layers,
+        decoder_num_layers=cfg.num_layers,
+        img_h=v["image_size"], img_w=v["image_size"], patch_dim=v["patch_size"],
+        class_token_len=1,
+        disable_vision_class_token=cfg.raw.get("vision_feature_select_strategy", "default") == "default",
+        vision_projection_type="mlp",
+        vision_projection_ffn_hidden_size=cfg.hidden_size,
+        vision_projection_activation="gelu",
+        vision_hidden_size=vision.hidden_size,
+        vision_ffn_hidden_size=vision.ffn_hidden_size,
+        vision_num_attention_heads=vision.num_attention_heads,
+        vision_kv_channels=vision.kv_channels,
+        vision_norm_epsilon=vision.norm_epsilon,
+        vision_activation=v["hidden_act"],
+        vision_normalization="LayerNorm",
+        image_token_index=cfg.raw.get("image_token_index", cfg.raw.get("image_token_id")),
+        special_tokens=["<image>"],
+    )

@@ -32,8 +32,8 @@ def _extra_state_objects(plan: Plan) -> dict[str, io.BytesIO]:
     out = {}
     for t in plan.targets:
         for module in linear_modules([t.key]):
-            if not t.key.startswith("decoder.layers."):
-                continue  # only layer modules have sharded extra state (none for output_layer)
+            if module.endswith("output_layer"):
+                continue  # the output layer has no sharded extra state; layers and LLaVA's projector do
             offsets, shape = (t.global_offset[:t.lead], t.global_shape[:t.lead]) if t.lead else ((0,), (1,))
             key = f"{module}._extra_state/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
             if key not in out:

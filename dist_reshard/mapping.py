@@ -111,7 +111,9 @@ def prefixed(rules: tuple[Rule, ...], megatron: str, hf: Callable[[str], str], *
     def one(r: Rule) -> Rule:
         names = {f: megatron + getattr(r, f) for f in ("megatron", "local", "dist_key", "tied_to", "grouped",
                                                         "local_dist_key") if getattr(r, f)}
-        return dataclasses.replace(r, hf=tuple(hf(n) for n in r.hf), **names, **changes)
+        # The stage a tensor lives on is decided by its unprefixed name (`home`): keep it.
+        return dataclasses.replace(r, hf=tuple(hf(n) for n in r.hf), **names,
+                                   **{"placement": None if r.per_layer else r.home, **changes})
     return tuple(one(r) for r in rules)
 
 

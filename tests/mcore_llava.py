@@ -33,8 +33,9 @@ def _activation(name: str):
     return {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu}[name]
 
 
-def build_llava_model(args):
-    """This rank's LLaVAModel (local specs, float32, eval): vision encoder and projector on the first stage."""
+def build_llava_model(args, seq_len: int):
+    """This rank's LLaVAModel (local specs, float32, eval): vision encoder and projector on the first stage.
+    With PP, LLaVAModel pads every sequence to its language length: `seq_len`, the image and text tokens."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec, get_mlp_module_spec
     from megatron.core.models.multimodal.llava_model import LLaVAModel
@@ -64,7 +65,7 @@ def build_llava_model(args):
         language_transformer_config=language,
         language_transformer_layer_spec=get_gpt_layer_local_spec(),
         language_vocab_size=args.padded_vocab_size,
-        language_max_sequence_length=args.max_position_embeddings,
+        language_max_sequence_length=seq_len,
         vision_transformer_config=vision,
         vision_transformer_layer_spec=vit_spec,
         drop_vision_class_token=args.disable_vision_class_token,
@@ -98,7 +99,9 @@ def llava_logits(model, images: torch.Tensor, input_ids: torch.Tensor, seq_len: 
             buf = torch.empty(seq_len, b, hidden)
             dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(buf)
-        out, _ = model(images if pp_rank == 0 else None, input_ids, None, mask)
+        # One tile per image, said explicitly: later stages see no images to count them from.
+        tiles = torch.ones(images.shape[0], dtype=torch.int)
+        out, _ = model(images if pp_rank == 0 else None, input_ids, None, mask, num_image_tiles=tiles)
         if pp_rank < pp - 1:
             dist.send(out.float().contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             out = torch.empty(b, seq_len, vocab)

@@ -11,6 +11,7 @@ each output needs, so every byte is read once, by one rank, whatever the two lay
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
@@ -237,8 +238,8 @@ def _add_covers(covers, rule, impl, names, cfg, tp, r, padded_vocab, stored_name
     """Covers of one legacy shard (TP rank r's blocks stacked on dim 0), checked against its stored shape."""
     shapes = hf_shapes(rule, cfg)
     row = 0
-    blks = blocks(rule.kind_for(impl), shapes, names, cfg, tp, r, padded_vocab)
-    expected = (sum(b.shape[0] for b in blks),) + blks[0].shape[1:]
+    blks = blocks(rule.kind_for(impl), shapes, names, rule.config(cfg), tp, r, padded_vocab)
+    expected = (1,) * rule.unsqueeze + (sum(b.shape[0] for b in blks),) + blks[0].shape[1:]
     if tuple(stored_shape) != expected:
         raise ConversionError(f"{where}: tensor {stored_name.rsplit('/', 1)[-1]!r} has shape {list(stored_shape)}, "
                               f"but the checkpoint's args imply {list(expected)}")
@@ -333,11 +334,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
         tp = layout.expert_tp if rule.expert else layout.tp
         for i, e in instances(rule, cfg):
             names = rule.hf_names(i, e)
-            if i is None:
-                p, v, j = (0, 0, None) if rule.megatron.startswith("embedding.") else (layout.pp - 1,
-                                                                                       layout.chunks - 1, None)
-            else:
-                p, v, j = placement[i]
+            p, v, j = layout.place(rule, i, placement)
             ep_rank, local = divmod(e, per_ep) if e is not None else (0, None)
             key = rule.name(impl, grouped).format(i=j, e=local)
             dtype = None
@@ -346,6 +343,8 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
                 t = stored_tensor(file, layout.container(v), key)
                 dtype = t.dtype
                 _add_covers(covers, rule, impl, names, cfg, tp, r, padded, t.name, t.shape, file)
+                if rule.unsqueeze:  # read as the HF tensor's shape: the same bytes
+                    t = stored[t.name] = dataclasses.replace(t, shape=t.shape[rule.unsqueeze:])
             for n, shape in zip(names, hf_shapes(rule, cfg)):
                 logical[n] = _logical_tensor(n, shape, dtype)
     if legacy_version is not None:
@@ -402,14 +401,15 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
                     break
                 raise ConversionError(f"{folder}: tensor {key!r} missing from the checkpoint's metadata")
             meta = tensors[key]
-            lead = tuple(x for x in ((i if stacked else None), e) if x is not None)
+            lead = tuple(x for x in ((i if stacked else None), e) if x is not None) + (0,) * rule.unsqueeze
             names = rule.hf_names(i, e)
             shapes = hf_shapes(rule, cfg)
             if rule.kind is Kind.VOCAB:
                 padded = meta.size[len(lead)]
             padded_vocab = padded or args.padded_vocab_size
             # With TP 1 the blocks tile the whole Megatron tensor: global row = block offset + dst_row.
-            full_pieces = [(b.offset[0] + p.dst_row, p) for b in blocks(rule.kind, shapes, names, cfg, 1, 0, padded_vocab)
+            full_pieces = [(b.offset[0] + p.dst_row, p) for b in blocks(rule.kind, shapes, names, rule.config(cfg), 1, 0,
+                                                                        padded_vocab)
                            for p in b.pieces if p.source is not None]
             expected = full_shape(rule.kind, shapes, padded_vocab)
             if tuple(meta.size[len(lead):]) != expected:

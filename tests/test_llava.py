@@ -1,0 +1,137 @@
+"""LLaVA (HF LlavaForConditionalGeneration <-> Megatron-Core LLaVAModel): real LLaVAModels on CPU loading the
+output with logits equal to HF's, bit-exact against tests/reference_llava.py, round trips, refusals."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from conftest import load_hf_state, run_cases, torchrun
+from dist_reshard.errors import ConversionError
+from dist_reshard.hf_source import open_hf_folder
+from dist_reshard.layout import TargetLayout
+from dist_reshard.rank_plan import make_plan
+from dist_reshard.tiny_models import build_llava, save_model
+from reference_llava import llava_legacy_files
+
+# Tensors of the CLIP tower LLaVA never reads (vision_feature_layer -2: the last of 3 layers; post_layernorm).
+UNUSED = ("vision_tower.encoder.layers.2.", "vision_tower.post_layernorm.")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    model = build_llava(seed=3)
+    folder = save_model(model, str(root / "hf"))
+    # The same weights under transformers 5's module names and under older hub checkpoints' CLIP wrapper.
+    from safetensors.torch import save_file
+
+    state = load_hf_state(folder)
+    for name, rename in (("hf_module_names", {"language_model.model.": "model.language_model.",
+                                              "language_model.lm_head.": "lm_head.",
+                                              "vision_tower.": "model.vision_tower.",
+                                              "multi_modal_projector.": "model.multi_modal_projector."}),
+                         ("hf_hub_names", {"vision_tower.": "vision_tower.vision_model."})):
+        other = root / name
+        other.mkdir()
+        shutil.copy(os.path.join(folder, "config.json"), other / "config.json")
+        renamed = {next((new + k[len(old):] for old, new in rename.items() if k.startswith(old)), k): v.contiguous()
+                   for k, v in state.items()}
+        save_file(renamed, str(other / "model.safetensors"))
+    return root
+
+
+def test_logits_match_hf(llava, tmp_path):
+    """LLaVAModel at TP2 and PP2, legacy (strict load) and torch_dist (dist_checkpointing.load)."""
+    cases = [dict(load=str(llava / "hf"), save=str(tmp_path / f"{fmt}_tp{tp}_pp{pp}"), format=fmt, tp=tp, pp=pp)
+             for tp, pp in ((2, 1), (1, 2)) for fmt in ("torch", "torch_dist")]
+    path, out = tmp_path / "cases.json", tmp_path / "results.json"
+    path.write_text(json.dumps(cases))
+    torchrun(2, "tests/workers/llava_check.py", str(path), str(out), timeout=900)
+    results = json.loads(out.read_text())
+    assert len(results) == len(cases)
+    for r in results:
+        assert r["rel_diff"] <= 1e-4, r
+
+
+@pytest.fixture(scope="module")
+def converted(llava, tmp_path_factory):
+    """HF -> TP2 legacy and torch_dist (local spec), from each name layout, then each back to HF."""
+    out = tmp_path_factory.mktemp("llava_out")
+    cases = [dict(load=str(llava / src), save=str(out / f"{src}_{fmt}"), format=fmt, tp=2, pp=1, impl="local")
+             for src in ("hf", "hf_module_names", "hf_hub_names") for fmt in ("torch", "torch_dist")]
+    cases += [dict(src="mcore", dst="hf", load=str(out / f"hf_{fmt}"), save=str(out / f"back_{fmt}"))
+              for fmt in ("torch", "torch_dist")]
+    run_cases(2, cases, out)
+    return out
+
+
+@pytest.mark.parametrize("src", ["hf", "hf_module_names", "hf_hub_names"])
+def test_bit_exact_tp2(llava, converted, src):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(llava / "hf"))
+    expected = llava_legacy_files(load_hf_state(str(llava / "hf")), config, 2)
+    for r in range(2):
+        state = torch.load(converted / f"{src}_torch" / "iter_0000001" / f"mp_rank_{r:02d}" / "model_optim_rng.pt",
+                           weights_only=False)
+        got = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}
+        assert sorted(got) == sorted(expected[r])
+        for k, v in expected[r].items():
+            assert got[k].shape == v.shape and torch.equal(got[k], v), k
+        assert state["args"].encoder_num_layers == 2 and state["args"].disable_vision_class_token
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_round_trip_reproduces_source(llava, converted, fmt):
+    """HF -> Megatron -> HF: every tensor LLaVA uses comes back bit for bit, under save_pretrained's names,
+    with the source config; the unused CLIP tensors are the only ones left out."""
+    source, back = load_hf_state(str(llava / "hf")), load_hf_state(str(converted / f"back_{fmt}"))
+    kept = {k for k in source if not k.startswith(UNUSED)}
+    assert sorted(back) == sorted(kept) and len(kept) < len(source)
+    for k in kept:
+        assert back[k].dtype == source[k].dtype and torch.equal(back[k], source[k]), k
+    with open(llava / "hf" / "config.json") as f, open(converted / f"back_{fmt}" / "config.json") as g:
+        assert json.load(f) == json.load(g)
+
+
+def test_torch_dist_keys(converted):
+    """LLaVAModel's torch_dist keys: prefixed, each layer stack on its own layer axis, class token [1, 1, H]."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(converted / "hf_torch_dist" / "iter_0000001")).read_metadata().state_dict_metadata
+    assert list(md["vision_model.decoder.layers.self_attention.linear_qkv.weight"].size) == [2, 96, 32]
+    assert list(md["vision_model.decoder.layers.input_layernorm.bias"].size) == [2, 32]
+    assert list(md["language_model.decoder.layers.self_attention.linear_qkv.weight"].size) == [4, 128, 64]
+    assert list(md["vision_model.class_token"].size) == [1, 1, 32]
+    assert list(md["vision_projection.encoder.linear_fc1.weight"].size) == [64, 32]
+
+
+def _edited(llava, tmp_path, edit) -> str:
+    folder = tmp_path / "edited"
+    shutil.copytree(llava / "hf", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    edit(cfg)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return str(folder)
+
+
+@pytest.mark.parametrize("edit, layout, message", [
+    (lambda c: c.update(vision_feature_layer=[-2, -1]), {}, "vision_feature_layer = [-2, -1]: Megatron-Core"),
+    (lambda c: c.update(vision_feature_layer=0), {}, "vision_feature_layer = 0 selects the vision embeddings"),
+    (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), {},
+     "vision_config.model_type = 'siglip_vision_model': only CLIP"),
+    (lambda c: c["text_config"].update(model_type="qwen2"), {}, "text_config.model_type = 'qwen2'"),
+    (lambda c: c.update(projector_hidden_act="gelu_pytorch_tanh"), {}, "projector_hidden_act = 'gelu_pytorch_tanh'"),
+    (lambda c: c["vision_config"].update(num_attention_heads=2), dict(tp=4),
+     "--tp 4: vision num_attention_heads = 2 is not divisible"),
+    (lambda c: None, dict(pp=2, vpp=2), "--vpp: not supported for LLaVA"),
+])
+def test_refusals(llava, tmp_path, edit, layout, message):
+    folder = _edited(llava, tmp_path, edit)
+    with pytest.raises(ConversionError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cfg, family, index = open_hf_folder(folder)
+        make_plan(family, index, cfg, TargetLayout(ckpt_format="torch", **layout), 2)
+

@@ -60,4 +60,6 @@ def hf_config(args: Namespace, cfg: ModelConfig, family: str, dtype: str | None,
     stored = getattr(args, "hf_config", None)
     if isinstance(stored, dict) and stored.get("architectures"):
         return dict(stored)
+    if cfg.stacks:  # a composite model (LLaVA): its config was rebuilt from the args whole
+        return dict(cfg.raw)
     return _from_args(args, cfg, family, dtype)

@@ -139,3 +139,37 @@ def llava_args(cfg) -> dict:
         image_token_index=cfg.raw.get("image_token_index", cfg.raw.get("image_token_id")),
         special_tokens=["<image>"],
     )
+
+
+_VISION_ARGS = ("vision_hidden_size", "vision_ffn_hidden_size", "vision_num_attention_heads", "vision_norm_epsilon",
+                "vision_activation", "encoder_num_layers", "img_h", "patch_dim", "image_token_index")
+
+
+def llava_config_from_args(args, where: str):
+    """A LLaVA config rebuilt from a converted checkpoint's args (when it carries no `hf_config`): the CLIP
+    tower with exactly the layers Megatron holds, read at the last one (`vision_feature_layer` -1)."""
+    missing = [k for k in _VISION_ARGS if getattr(args, k, None) is None]
+    if missing:
+        raise ConversionError(f"{where}: a LLaVA checkpoint (vision_model_type {args.vision_model_type!r}) whose args "
+                              f"lack {missing[0]!r} and hf_config: the vision encoder's sizes are unknown")
+    if args.vision_model_type != "clip":
+        raise ConversionError(f"{where}: vision_model_type {args.vision_model_type!r}: only CLIP is supported")
+    heads = args.num_attention_heads
+    text = dict(model_type=getattr(args, "language_model_type", "llama"), hidden_size=args.hidden_size,
+                intermediate_size=args.ffn_hidden_size, num_hidden_layers=args.num_layers, num_attention_heads=heads,
+                num_key_value_heads=getattr(args, "num_query_groups", None) or heads,
+                head_dim=getattr(args, "kv_channels", None) or args.hidden_size // heads,
+                vocab_size=getattr(args, "true_vocab_size", None) or args.padded_vocab_size,
+                max_position_embeddings=args.max_position_embeddings, rms_norm_eps=args.norm_epsilon,
+                rope_theta=args.rotary_base, tie_word_embeddings=not args.untie_embeddings_and_output_weights)
+    vision = dict(model_type="clip_vision_model", hidden_size=args.vision_hidden_size,
+                  intermediate_size=args.vision_ffn_hidden_size, num_hidden_layers=args.encoder_num_layers,
+                  num_attention_heads=args.vision_num_attention_heads, image_size=args.img_h,
+                  patch_size=args.patch_dim, num_channels=3, layer_norm_eps=args.vision_norm_epsilon,
+                  hidden_act=args.vision_activation)
+    return llava_config(dict(
+        architectures=["LlavaForConditionalGeneration"], model_type="llava", text_config=text, vision_config=vision,
+        vision_feature_layer=-1, image_token_index=args.image_token_index, projector_hidden_act="gelu",
+        vision_feature_select_strategy="default" if args.disable_vision_class_token else "full",
+        image_seq_length=(args.img_h // args.patch_dim) ** 2 + (0 if args.disable_vision_class_token else 1),
+        tie_word_embeddings=text["tie_word_embeddings"]), where)

@@ -32,7 +32,7 @@ class Kind(Enum):
 
 @dataclass(frozen=True)
 class Rule:
-    megatron: str  # TransformerEngine-spec name; per-layer names start with LAYER
+    megatron: str  # TransformerEngine-spec name; per-layer names hold `{i}` (LAYER, or a prefixed stack's)
     hf: tuple[str, ...]  # HF tensor name(s); `{i}` is the global layer index
     kind: Kind
     local: str | None = None  # local-spec name when it differs from the TE-spec one

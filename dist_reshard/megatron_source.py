@@ -185,6 +185,10 @@ def _config_from_args(args: Namespace) -> ModelConfig:
                 args.ffn_hidden_size, getattr(args, "num_experts", None) or 0,
                 (getattr(args, "moe_ffn_hidden_size", None) or 0) if cfg.num_experts else 0):
             return cfg
+    if getattr(args, "vision_model_type", None):  # a LLaVAModel checkpoint
+        from .llava_config import llava_config_from_args
+
+        return llava_config_from_args(args, "args")
     arch = getattr(args, "hf_architecture", None)
     if not arch:  # a checkpoint from another tool: the features decide the closest dense family
         arch = ("Qwen3ForCausalLM" if getattr(args, "qk_layernorm", False) else

@@ -64,6 +64,10 @@ def converted(llava, tmp_path_factory):
              for src in ("hf", "hf_module_names", "hf_hub_names") for fmt in ("torch", "torch_dist")]
     cases += [dict(src="mcore", dst="hf", load=str(out / f"hf_{fmt}"), save=str(out / f"back_{fmt}"))
               for fmt in ("torch", "torch_dist")]
+    # Megatron -> Megatron in another layout (TP2 legacy -> PP2 torch_dist), then back to HF.
+    cases += [dict(src="mcore", load=str(out / "hf_torch"), save=str(out / "resharded"), format="torch_dist", tp=1,
+                   pp=2, impl="local"),
+              dict(src="mcore", dst="hf", load=str(out / "resharded"), save=str(out / "back_resharded"))]
     run_cases(2, cases, out)
     return out
 
@@ -84,7 +88,7 @@ def test_bit_exact_tp2(llava, converted, src):
         assert state["args"].encoder_num_layers == 2 and state["args"].disable_vision_class_token
 
 
-@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist", "resharded"])
 def test_round_trip_reproduces_source(llava, converted, fmt):
     """HF -> Megatron -> HF: every tensor LLaVA uses comes back bit for bit, under save_pretrained's names,
     with the source config; the unused CLIP tensors are the only ones left out."""
@@ -95,6 +99,33 @@ def test_round_trip_reproduces_source(llava, converted, fmt):
         assert back[k].dtype == source[k].dtype and torch.equal(back[k], source[k]), k
     with open(llava / "hf" / "config.json") as f, open(converted / f"back_{fmt}" / "config.json") as g:
         assert json.load(f) == json.load(g)
+
+
+def test_export_without_stored_hf_config(llava, converted, tmp_path):
+    """A LLaVAModel checkpoint whose args carry no HF config is recognised by its vision args; the exported
+    HF model (a CLIP tower of exactly the layers Megatron holds, read at its last) gives the source's logits."""
+    from transformers import LlavaForConditionalGeneration
+
+    bare = tmp_path / "bare"
+    shutil.copytree(converted / "hf_torch", bare)
+    for r in range(2):
+        path = bare / "iter_0000001" / f"mp_rank_{r:02d}" / "model_optim_rng.pt"
+        state = torch.load(path, weights_only=False)
+        del state["args"].hf_config
+        torch.save(state, path)
+    run_cases(2, [dict(src="mcore", dst="hf", load=str(bare), save=str(tmp_path / "exported"))], tmp_path)
+    cfg = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert cfg["vision_config"]["num_hidden_layers"] == 2 and cfg["vision_feature_layer"] == -1
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, 32, 32, generator=gen)
+    ids = torch.cat([torch.randint(0, 999, (1, 3), generator=gen), torch.full((1, 16), 999),
+                     torch.randint(0, 999, (1, 5), generator=gen)], 1)
+    logits = []
+    for folder in (llava / "hf", tmp_path / "exported"):
+        model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, pixel_values=images).logits)
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_torch_dist_keys(converted):

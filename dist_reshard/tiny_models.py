@@ -88,13 +88,14 @@ LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, n
 LLAVA_IMAGE_TOKEN = 999  # the last vocabulary entry; HF repeats it once per image feature
 
 
-def build_llava(seed: int = 0, dtype: str = "float32", text: dict | None = None, **overrides):
-    """A seeded tiny LlavaForConditionalGeneration (CLIP + Llama), norms and biases randomised."""
+def build_llava(seed: int = 0, dtype: str = "float32", text_model: str = "llama", **overrides):
+    """A seeded tiny LlavaForConditionalGeneration (CLIP + the `text_model` variant: llama3 or mistral), norms and
+    biases randomised."""
     import torch
     import transformers
 
-    text_config = transformers.LlamaConfig(**dict(BASE, rope_theta=500000.0, tie_word_embeddings=False,
-                                                  **(text or {})))
+    config_cls, _, extra = VARIANTS[{"llama": "llama3"}.get(text_model, text_model)]
+    text_config = getattr(transformers, config_cls)(**dict(BASE, **extra))
     vision_config = transformers.CLIPVisionConfig(**LLAVA_VISION)
     config = transformers.LlavaConfig(vision_config=vision_config, text_config=text_config,
                                       image_token_index=LLAVA_IMAGE_TOKEN, image_seq_length=16, **overrides)

@@ -23,8 +23,11 @@ UNUSED = ("vision_tower.encoder.layers.2.", "vision_tower.post_layernorm.")
 @pytest.fixture(scope="module")
 def llava(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
-    model = build_llava(seed=3)
-    folder = save_model(model, str(root / "hf"))
+    folder = save_model(build_llava(seed=3), str(root / "hf"))
+    # The class token kept and every CLIP layer used; a Mistral language model.
+    save_model(build_llava(seed=4, vision_feature_select_strategy="full", vision_feature_layer=-1),
+               str(root / "hf_full"))
+    save_model(build_llava(seed=5, text_model="mistral"), str(root / "hf_mistral"))
     # The same weights under transformers 5's module names and under older hub checkpoints' CLIP wrapper.
     from safetensors.torch import save_file
 
@@ -44,9 +47,12 @@ def llava(tmp_path_factory):
 
 
 def test_logits_match_hf(llava, tmp_path):
-    """LLaVAModel at TP2 and PP2, legacy (strict load) and torch_dist (dist_checkpointing.load)."""
+    """LLaVAModel at TP2 and PP2, legacy (strict load) and torch_dist (dist_checkpointing.load); at TP2 also with
+    the class token kept and all CLIP layers used (strategy "full", feature layer -1), and with Mistral."""
     cases = [dict(load=str(llava / "hf"), save=str(tmp_path / f"{fmt}_tp{tp}_pp{pp}"), format=fmt, tp=tp, pp=pp)
              for tp, pp in ((2, 1), (1, 2)) for fmt in ("torch", "torch_dist")]
+    cases += [dict(load=str(llava / src), save=str(tmp_path / src), format="torch", tp=2, pp=1)
+              for src in ("hf_full", "hf_mistral")]
     path, out = tmp_path / "cases.json", tmp_path / "results.json"
     path.write_text(json.dumps(cases))
     torchrun(2, "tests/workers/llava_check.py", str(path), str(out), timeout=900)
@@ -166,3 +172,53 @@ def test_refusals(llava, tmp_path, edit, layout, message):
         cfg, family, index = open_hf_folder(folder)
         make_plan(family, index, cfg, TargetLayout(ckpt_format="torch", **layout), 2)
 
+
+
+# llava-1.5-7b-hf's config.json as published: only the fields that differ from transformers' defaults.
+LLAVA_15_7B = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "image_token_index": 32000,
+               "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+               "torch_dtype": "float16",
+               "text_config": {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                               "model_type": "llama", "rms_norm_eps": 1e-05, "torch_dtype": "float16",
+                               "vocab_size": 32064},
+               "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                                 "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                                 "patch_size": 14, "projection_dim": 768, "vocab_size": 32000}}
+
+
+def test_llava_15_7b_plan():
+    """The published 7B config (transformers' defaults fill the rest) over 16 simulated ranks at TP4 PP4: tensor
+    names and shapes from transformers' own model on the meta device under the hub's names; 23 CLIP layers on
+    the first stage; every byte LLaVA uses read exactly once, the unused CLIP layer and post_layernorm never."""
+    import transformers
+
+    from dist_reshard.hf_config import config_from_dict
+    from dist_reshard.families import family_for
+    from synthetic import lay_out
+
+    config = transformers.LlavaConfig(**{k: v for k, v in LLAVA_15_7B.items() if k not in ("architectures",)})
+    with torch.device("meta"):
+        model = transformers.LlavaForConditionalGeneration(config)
+    hub = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+           "model.vision_tower.": "vision_tower.vision_model.", "model.multi_modal_projector.": "multi_modal_projector."}
+    tensors = {next(new + k[len(old):] for old, new in hub.items() if k.startswith(old)): (tuple(t.shape), "F16")
+               for k, t in model.state_dict().items()}
+    cfg = config_from_dict(LLAVA_15_7B)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size) == (32, 4096, 11008, 32064)
+    assert cfg.stack("vision").num_layers == 23
+    family = family_for(cfg.architecture)
+    index = family.source_index(lay_out(tensors, 5 << 30), cfg)
+    plan = make_plan(family, index, cfg, TargetLayout(tp=4, pp=4, ckpt_format="torch"), 16)
+    unused = [n for n in tensors if n.startswith(("vision_tower.vision_model.encoder.layers.23.",
+                                                  "vision_tower.vision_model.post_layernorm."))]
+    assert len(unused) == 18 and not any(n.replace("vision_model.", "", 1) in index for n in unused)
+    assert plan.source_bytes == sum(t.nbytes for t in index.values())
+    read = {}
+    for item in plan.items:
+        read[item.source] = read.get(item.source, 0) + item.nbytes
+    assert read == {n: t.nbytes for n, t in index.items()}
+    files = {u.index: u.path for u in plan.units}
+    vision = {files[t.unit] for t in plan.targets if t.key.startswith(("vision_model.", "vision_projection."))}
+    assert vision == {f"iter_0000001/mp_rank_{r:02d}_000/model_optim_rng.pt" for r in range(4)}
+    layers = {int(t.key.split(".")[3]) for t in plan.targets if t.key.startswith("vision_model.decoder.layers.")}
+    assert layers == set(range(23))

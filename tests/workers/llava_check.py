@@ -22,7 +22,14 @@ if __name__ == "__main__":
     from dist_reshard.layout import TargetLayout
     from mcore_llava import build_llava_model, llava_logits
 
-    IMAGE_FEATURES = 16  # the tiny CLIP's 16 patches (its class token dropped)
+    def image_features(args) -> int:
+        """Image features per image: the patches, and the class token unless it is dropped."""
+        return (args.img_h // args.patch_dim) ** 2 + (0 if args.disable_vision_class_token else 1)
+
+    def sequence_length(args) -> int:
+        return TEXT_TOKENS + image_features(args)
+
+    TEXT_TOKENS = 10
     with open(sys.argv[1]) as f:
         cases = json.load(f)
     results = []
@@ -33,23 +40,21 @@ if __name__ == "__main__":
         from megatron.core import parallel_state as ps
 
         folder = os.path.join(case["save"], "iter_0000001")
-        seq_len = 10 + IMAGE_FEATURES
         if case["format"] == "torch":
             tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
             name = f"mp_rank_{tp_rank:02d}" + (f"_{pp_rank:03d}" if case["pp"] > 1 else "")
             state = torch.load(os.path.join(folder, name, "model_optim_rng.pt"), weights_only=False)
             args = state["args"]
-            model = build_llava_model(args, seq_len)
+            model = build_llava_model(args, sequence_length(args))
             model.load_state_dict(state["model"], strict=True)
         else:
             args = torch.load(os.path.join(folder, "common.pt"), weights_only=False)["args"]
-            model = build_llava_model(args, seq_len)
+            model = build_llava_model(args, sequence_length(args))
             mcore_cpu.load_torch_dist([model], folder)
         gen = torch.Generator().manual_seed(7)
         images = torch.randn(1, 3, args.img_h, args.img_w, generator=gen)
-        text = torch.randint(0, args.image_token_index, (1, 10), generator=gen)
-        image_tokens = (args.img_h // args.patch_dim) ** 2 + (0 if args.disable_vision_class_token else 1)
-        assert image_tokens == IMAGE_FEATURES
+        text = torch.randint(0, args.image_token_index, (1, TEXT_TOKENS), generator=gen)
+        image_tokens = image_features(args)
         # Megatron: one image token stands for the whole image; HF: one per image feature.
         mcore_ids = torch.cat([text[:, :2], torch.full((1, 1), args.image_token_index), text[:, 2:]], 1)
         hf_ids = torch.cat([text[:, :2], torch.full((1, image_tokens), args.image_token_index), text[:, 2:]], 1)

@@ -260,8 +260,9 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
             used.update(rule.hf_names(i, e))
         rules.append(rule)
     unknown = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
-    if cfg.tie_word_embeddings:
-        unknown = [n for n in unknown if n != "lm_head.weight"]  # some tied checkpoints still store a copy
+    if cfg.tie_word_embeddings:  # some tied checkpoints still store a copy of the head
+        tied = {n for r in family.rules if r.tied_to for n in r.hf}
+        unknown = [n for n in unknown if n not in tied]
     if unknown:
         why = _stray_expert(unknown[0], family, cfg) or _mtp_layer(unknown[0], cfg) or (
             f"not mapped by the {family.name} family ({len(unknown)} unmapped tensors); refusing to drop it")

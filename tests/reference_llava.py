@@ -49,13 +49,15 @@ def _vision(hf: dict, layers: int, heads: int, tp: int, r: int) -> dict:
     return out
 
 
-def llava_legacy_files(hf: dict, config, tp: int) -> dict:
-    """{tp_rank: {key: tensor}}: the vision encoder keeps the layers before `vision_feature_layer` (-2 here:
-    all but the last), and the language model is the GPT reference under `language_model.`."""
+def llava_legacy_files(hf: dict, config, tp: int, pp: int = 1) -> dict:
+    """{(tp_rank, pp_rank): {key: tensor}}: the vision encoder (the layers before `vision_feature_layer`, -2
+    here: all but the last) and the projector on the first stage; the language model is the GPT reference
+    under `language_model.`."""
     v = config.vision_config
     assert config.vision_feature_layer == -2
     text = {k.replace("language_model.model.", "model.", 1).replace("language_model.lm_head.", "lm_head.", 1): t
             for k, t in hf.items() if k.startswith("language_model.")}
-    language = legacy_files(text, config.text_config, tp, 1, None, "local")
-    return {r: dict(_vision(hf, v.num_hidden_layers - 1, v.num_attention_heads, tp, r),
-                    **{"language_model." + k: t for k, t in language[(r, 0)]["model"].items()}) for r in range(tp)}
+    language = legacy_files(text, config.text_config, tp, pp, None, "local")
+    return {(r, p): dict(_vision(hf, v.num_hidden_layers - 1, v.num_attention_heads, tp, r) if p == 0 else {},
+                         **{"language_model." + k: t for k, t in language[(r, p)]["model"].items()})
+            for r in range(tp) for p in range(pp)}

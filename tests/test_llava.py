@@ -68,6 +68,7 @@ def converted(llava, tmp_path_factory):
     out = tmp_path_factory.mktemp("llava_out")
     cases = [dict(load=str(llava / src), save=str(out / f"{src}_{fmt}"), format=fmt, tp=2, pp=1, impl="local")
              for src in ("hf", "hf_module_names", "hf_hub_names") for fmt in ("torch", "torch_dist")]
+    cases.append(dict(load=str(llava / "hf"), save=str(out / "hf_tp2_pp2"), format="torch", tp=2, pp=2, impl="local"))
     cases += [dict(src="mcore", dst="hf", load=str(out / f"hf_{fmt}"), save=str(out / f"back_{fmt}"))
               for fmt in ("torch", "torch_dist")]
     # Megatron -> Megatron in another layout (TP2 legacy -> PP2 torch_dist), then back to HF.
@@ -78,18 +79,19 @@ def converted(llava, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("src", ["hf", "hf_module_names", "hf_hub_names"])
-def test_bit_exact_tp2(llava, converted, src):
+@pytest.mark.parametrize("src, pp", [("hf", 1), ("hf_module_names", 1), ("hf_hub_names", 1), ("hf", 2)])
+def test_bit_exact_tp2(llava, converted, src, pp):
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(llava / "hf"))
-    expected = llava_legacy_files(load_hf_state(str(llava / "hf")), config, 2)
-    for r in range(2):
-        state = torch.load(converted / f"{src}_torch" / "iter_0000001" / f"mp_rank_{r:02d}" / "model_optim_rng.pt",
-                           weights_only=False)
+    expected = llava_legacy_files(load_hf_state(str(llava / "hf")), config, 2, pp)
+    folder = converted / (f"{src}_torch" if pp == 1 else "hf_tp2_pp2") / "iter_0000001"
+    for (r, p), want in expected.items():
+        name = f"mp_rank_{r:02d}" + (f"_{p:03d}" if pp > 1 else "")
+        state = torch.load(folder / name / "model_optim_rng.pt", weights_only=False)
         got = {k: v for k, v in state["model"].items() if not k.endswith("_extra_state")}
-        assert sorted(got) == sorted(expected[r])
-        for k, v in expected[r].items():
+        assert sorted(got) == sorted(want)
+        for k, v in want.items():
             assert got[k].shape == v.shape and torch.equal(got[k], v), k
         assert state["args"].encoder_num_layers == 2 and state["args"].disable_vision_class_token
 

@@ -138,6 +138,9 @@ def llava_args(cfg) -> dict:
         vision_normalization="LayerNorm",
         image_token_index=cfg.raw.get("image_token_index", cfg.raw.get("image_token_id")),
         special_tokens=["<image>"],
+        # examples/multimodal's flags for one untiled image per sample, the encoder on the first stage.
+        pixel_shuffle=False, use_tiling=False, max_num_tiles=1, use_thumbnail=False, use_tile_tags=False,
+        image_tag_type="", encoder_pipeline_model_parallel_size=0, encoder_tensor_model_parallel_size=0,
     )
 
 

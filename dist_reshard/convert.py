@@ -51,6 +51,7 @@ class Options:
     src: str = "hf"  # "hf" (safetensors folder) or "mcore" (a Megatron-Core checkpoint)
     hf_config: str | None = None  # --dst hf: reference HF folder for config and tokenizer files
     drop_mtp: bool = False  # leave out multi-token-prediction layers (model.layers.{L + k}.*)
+    layer_pattern: str | None = None  # --dst mcore: a GPT model laid out as a MambaModel pattern, or "gpt" back
 
 
 @dataclass
@@ -103,6 +104,10 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
         if mtp and opts.drop_mtp:
             index = {n: t for n, t in index.items() if n not in mtp}
             dropped = len(mtp)
+    if opts.layer_pattern:
+        from .families.gpt_hybrid import relayout
+
+        cfg, family = relayout(cfg, family, opts.layer_pattern)
     if getattr(opts.layout, "legacy_gpt", False):
         from .legacy_gpt import check_target
 
@@ -114,8 +119,11 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
 
 def _job_identity(opts: Options, index: dict, source=None) -> dict:
     files = source.files if source is not None else sorted({t.file for t in index.values()})
-    return {"tool": "dist_reshard", "version": __version__, "source": manifest.source_fingerprint(files),
-            "layout": dict(opts.layout.__dict__), "world_size": collectives.world()}
+    identity = {"tool": "dist_reshard", "version": __version__, "source": manifest.source_fingerprint(files),
+                "layout": dict(opts.layout.__dict__), "world_size": collectives.world()}
+    if opts.layer_pattern:  # a GPT model laid out as a MambaModel (or back): part of what the output is
+        identity["layer_pattern"] = opts.layer_pattern
+    return identity
 
 
 def _dcp_files(world: int) -> list[str]:
@@ -421,6 +429,9 @@ def run(opts: Options) -> dict:
     return _finish(report, plan, opts, dry_run=False, dropped=dropped)
 
 
+_HYBRID_ARGS = ("is_hybrid_model", "hybrid_override_pattern", "spec", "model_type_name")
+
+
 def _output_args(opts: Options, plan: Plan, cfg, family, source):
     """Megatron args of the output; from a Megatron source, its own args carried over with the new layout."""
     # The language model's own features (a LLaVA vision encoder always has a QKV bias; its args are its own).
@@ -432,6 +443,8 @@ def _output_args(opts: Options, plan: Plan, cfg, family, source):
     args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, source_dtype, qk_norm, qkv_bias)
     if source is not None:
         for k, v in vars(source.args).items():  # training flags and the stored HF config travel along
+            if k in _HYBRID_ARGS and not cfg.hybrid:
+                continue  # a hybrid laid out as GPTModel again (--layer-pattern gpt)
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
     if getattr(opts.layout, "legacy_gpt", False):
@@ -603,6 +616,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
                 "source": identity["source"], "source_folder": os.path.abspath(opts.load),
                 "family": family.name, "layout": identity["layout"], "world_size": plan.world,
                 "padded_vocab_size": plan.padded_vocab, "true_vocab_size": cfg.vocab_size,
+                **({"layer_pattern": opts.layer_pattern} if opts.layer_pattern else {}),
                 "files": [{k: r[k] for k in ("path", "size", manifest.FILE_HASH)} for _, r in sorted(files.items())],
             })
             shutil.rmtree(os.path.join(staging, manifest.JOURNAL_DIR), ignore_errors=True)

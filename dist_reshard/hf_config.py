@@ -62,6 +62,48 @@ class ModelConfig:
 
     def stack(self, name: str) -> "ModelConfig":
         return dict(self.stacks)[name]
+    # Hybrid (Mamba) stacks: Megatron's pattern symbol per layer ("M" mamba, "*" attention, "-" MLP); empty
+    # for GPT stacks. The Mamba-2 mixer: state size, head size, heads, groups of B/C, conv kernel width.
+    layer_kinds: tuple[str, ...] = ()
+    mamba_state_dim: int = 0
+    mamba_head_dim: int = 0
+    mamba_num_heads: int = 0
+    mamba_num_groups: int = 0
+    mamba_conv_kernel: int = 0
+    squared_relu: bool = False  # the MLP is up -> relu(x)^2 -> down (Nemotron-H), not SwiGLU
+    # A GPT model laid out as a MambaModel (attention and MLP in separate layers): the HF layer each Megatron
+    # layer comes from; empty when Megatron and HF number layers alike.
+    hf_layers: tuple[int, ...] = ()
+
+    def hf_layer(self, layer: int) -> int:
+        return self.hf_layers[layer] if self.hf_layers else layer
+
+    def layer_kind(self, layer: int) -> str:
+        """What a layer holds, as family rules select it (`Rule.where`): a hybrid pattern symbol, else
+        "moe" or "dense"."""
+        if self.layer_kinds:
+            return self.layer_kinds[layer]
+        return "moe" if self.is_moe_layer(layer) else "dense"
+
+    @property
+    def hybrid(self) -> bool:
+        return bool(self.layer_kinds)
+
+    @property
+    def mamba_d_inner(self) -> int:
+        return self.mamba_num_heads * self.mamba_head_dim
+
+    @property
+    def mamba_in_proj_parts(self) -> tuple[int, ...]:
+        """Row sections of the mixer's in_proj: z, x, B, C, dt."""
+        gs = self.mamba_num_groups * self.mamba_state_dim
+        return (self.mamba_d_inner, self.mamba_d_inner, gs, gs, self.mamba_num_heads)
+
+    @property
+    def mamba_conv_parts(self) -> tuple[int, ...]:
+        """Channel sections of the mixer's depthwise conv1d: x, B, C."""
+        gs = self.mamba_num_groups * self.mamba_state_dim
+        return (self.mamba_d_inner, gs, gs)
 
     def is_moe_layer(self, layer: int) -> bool:
         return bool(self.moe_layers) and self.moe_layers[layer]
@@ -69,7 +111,10 @@ class ModelConfig:
     @property
     def layers_alike(self) -> bool:
         """Every layer has the same modules (all dense or all MoE): Megatron's torch_dist then stacks the
-        layers on a leading axis; otherwise it keys each layer `decoder.layers.{g}.`."""
+        layers on a leading axis; otherwise it keys each layer `decoder.layers.{g}.`. Megatron's MambaStack
+        always keys each layer, whatever its pattern."""
+        if self.hybrid:
+            return False
         return len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
 
     @property
@@ -135,6 +180,10 @@ def read_config(folder: str) -> ModelConfig:
 def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
     if not isinstance(cfg, dict):
         raise ConversionError(f"{path}: top level is not a JSON object")
+    hybrid = {}
+    if cfg.get("model_type") in HYBRID_MODEL_TYPES:
+        raw = cfg
+        cfg, hybrid = _hybrid_fields(cfg, path)
     archs = cfg.get("architectures")
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise ConversionError(f"{path}: no 'architectures' list, cannot detect the model family")
@@ -174,9 +223,10 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         attention_bias=bool(cfg.get("attention_bias", False)),
         dtype=_DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None,
         sliding_window=window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None,
-        raw=cfg,
+        raw=raw if hybrid else cfg,
         **moe,
         **mla,
+        **hybrid,
     )
 
 
@@ -247,3 +297,59 @@ def _deepseek_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
         router_group_topk=_int(cfg, "topk_group", path, default=1),
         routed_scaling_factor=_float(cfg, "routed_scaling_factor", path, 1.0),
     )
+
+
+# Hybrid families: Nemotron-H (Mamba-2, attention and MLP layers by a pattern) and Mamba-2 (mamba only).
+HYBRID_MODEL_TYPES = ("nemotron_h", "mamba2")
+_NEMOTRON_H_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
+                     "mlp": "-", "moe": "E"}
+
+
+def _hybrid_fields(cfg: dict, path: str) -> tuple[dict, dict]:
+    """The config with the GPT field names the rest of this reader expects, and the hybrid facts.
+
+    Nemotron-H states its layers as `layers_block_type` (older configs: `hybrid_override_pattern`, Megatron's
+    own symbols) and leaves `num_hidden_layers` implied; Mamba-2 has no attention or MLP fields at all, so
+    those get placeholders Megatron's argument checks accept (heads = the mamba heads)."""
+    if cfg.get("model_type") == "mamba2":
+        layers = _int(cfg, "num_hidden_layers", path)
+        kinds = "M" * layers
+        heads, head_dim, state = (_int(cfg, "num_heads", path), _int(cfg, "head_dim", path),
+                                  _int(cfg, "state_size", path))
+        hidden = _int(cfg, "hidden_size", path)
+        if heads * head_dim != int(cfg.get("expand", 2) * hidden):
+            raise ConversionError(f"{path}: num_heads {heads} x head_dim {head_dim} is not expand x hidden_size "
+                                  f"({cfg.get('expand', 2)} x {hidden}); transformers' Mamba-2 mixer would carry "
+                                  f"extra MLP rows in in_proj, which Megatron-Core's mixer has no place for")
+        normal = dict(cfg, num_attention_heads=heads, intermediate_size=4 * hidden,
+                      rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-5))
+        groups, squared = _int(cfg, "n_groups", path), False
+    else:
+        types = cfg.get("layers_block_type")
+        if isinstance(types, list) and types:
+            unknown = [t for t in types if t not in _NEMOTRON_H_KINDS]
+            if unknown:
+                raise ConversionError(f"{path}: layers_block_type holds {unknown[0]!r}; known: "
+                                      f"{', '.join(_NEMOTRON_H_KINDS)}")
+            kinds = "".join(_NEMOTRON_H_KINDS[t] for t in types)
+        elif isinstance(cfg.get("hybrid_override_pattern"), str):
+            kinds = cfg["hybrid_override_pattern"]
+        else:
+            raise ConversionError(f"{path}: neither layers_block_type nor hybrid_override_pattern says which "
+                                  f"layer is which")
+        bad = sorted(set(kinds) - set("M*-E"))
+        if bad:
+            raise ConversionError(f"{path}: hybrid layer symbol {bad[0]!r} is not one of Megatron's M, *, -, E")
+        heads, head_dim, state = (_int(cfg, "mamba_num_heads", path), _int(cfg, "mamba_head_dim", path),
+                                  _int(cfg, "ssm_state_size", path))
+        # transformers' field defaults and the older `mamba_*` aliases its config still accepts.
+        normal = dict(cfg, num_hidden_layers=len(kinds), rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                      rope_theta=None, rope_scaling=None, rope_parameters=None, head_dim=cfg.get("head_dim", 128),
+                      n_groups=cfg.get("mamba_n_groups", cfg.get("n_groups")),
+                      conv_kernel=cfg.get("mamba_d_conv", cfg.get("conv_kernel")),
+                      use_conv_bias=cfg.get("mamba_conv_bias", cfg.get("use_conv_bias", True)))
+        groups = _int(normal, "n_groups", path)
+        squared = cfg.get("mlp_hidden_act", "relu2") == "relu2"
+    return normal, dict(layer_kinds=tuple(kinds), mamba_state_dim=state, mamba_head_dim=head_dim,
+                        mamba_num_heads=heads, mamba_num_groups=groups,
+                        mamba_conv_kernel=_int(normal, "conv_kernel", path, default=4), squared_relu=squared)

@@ -19,7 +19,27 @@ _MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3
 _TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
+def _hybrid_from_args(cfg: ModelConfig, dtype: str | None) -> dict:
+    """Nemotron-H / Mamba-2 config fields (transformers' names) of a MambaModel checkpoint."""
+    common = {"architectures": [cfg.architecture], "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+              "layer_norm_epsilon": cfg.norm_epsilon, "tie_word_embeddings": cfg.tie_word_embeddings,
+              "n_groups": cfg.mamba_num_groups, "conv_kernel": cfg.mamba_conv_kernel,
+              "torch_dtype": _TORCH_DTYPES.get(dtype or "", "float32")}
+    if cfg.architecture == "Mamba2ForCausalLM":
+        return dict(common, model_type="mamba2", num_hidden_layers=cfg.num_layers, num_heads=cfg.mamba_num_heads,
+                    head_dim=cfg.mamba_head_dim, state_size=cfg.mamba_state_dim,
+                    expand=cfg.mamba_d_inner // cfg.hidden_size)
+    names = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+    return dict(common, model_type="nemotron_h", layers_block_type=[names[k] for k in cfg.layer_kinds],
+                num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_query_groups,
+                head_dim=cfg.kv_channels, intermediate_size=cfg.ffn_hidden_size, mlp_hidden_act="relu2",
+                max_position_embeddings=cfg.max_position_embeddings, mamba_num_heads=cfg.mamba_num_heads,
+                mamba_head_dim=cfg.mamba_head_dim, ssm_state_size=cfg.mamba_state_dim)
+
+
 def _from_args(args: Namespace, cfg: ModelConfig, family: str, dtype: str | None) -> dict:
+    if cfg.hybrid:
+        return _hybrid_from_args(cfg, dtype)
     out = {
         "architectures": [cfg.architecture], "model_type": _MODEL_TYPES.get(family, family),
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.ffn_hidden_size,

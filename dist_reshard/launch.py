@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-mtp", action="store_true",
                    help="DeepSeek-V3: convert without the multi-token-prediction layers stored after the decoder "
                         "(model.layers.<num_hidden_layers>.*); without this flag their presence is an error")
+    p.add_argument("--layer-pattern", default=None,
+                   help="--dst mcore: lay a GPT model out as a MambaModel with this pattern of attention (*) and MLP "
+                        "(-) layers, e.g. '*-*-'; 'gpt' lays such a model out as a GPTModel again")
     p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist")
     p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
                    help="parameter naming: TransformerEngine spec (default) or local spec")
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConversionError as e:
             sys.stderr.write(f"dist_reshard: error: {e}\n")
             return 2
-    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp,
+    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp, layer_pattern=ns.layer_pattern,
                    device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
                    resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:

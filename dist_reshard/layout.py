@@ -58,6 +58,14 @@ class TargetLayout:
                   ("num_query_groups (num_key_value_heads)", cfg.num_query_groups)]
         if not all(cfg.is_moe_layer(i) for i in range(cfg.num_layers)):
             checks.append(("ffn_hidden_size (intermediate_size)", cfg.ffn_hidden_size))
+        if cfg.hybrid:
+            if self.vpp:
+                raise ConversionError(f"--vpp {self.vpp}: Megatron-Core's MambaModel has no virtual pipeline stages")
+            if self.transformer_impl == "local":
+                raise ConversionError("--transformer-impl local: Megatron-Core's MambaModel has only a "
+                                      "TransformerEngine layer spec (mamba_stack_spec)")
+            checks += [("the mamba heads (mamba_num_heads / num_heads)", cfg.mamba_num_heads),
+                       ("the mamba groups (n_groups: B and C are split by whole groups)", cfg.mamba_num_groups)]
         if cfg.num_experts and cfg.shared_expert_ffn_hidden_size:
             checks.append(("shared_expert_intermediate_size", cfg.shared_expert_ffn_hidden_size))
         for what, n in checks:

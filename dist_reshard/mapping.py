@@ -28,6 +28,7 @@ class Kind(Enum):
     VOCAB = "vocab"  # split on dim 0 after padding the vocabulary to the Megatron multiple
     QKV = "qkv"  # q, k, v interleaved per query group, then split on dim 0 by whole groups
     GLU = "glu"  # gate and up halves, each split on dim 0, concatenated per TP rank
+    PARTS = "parts"  # row sections of one tensor (`Rule.parts`), each split on dim 0, concatenated per TP rank
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Rule:
     dist_key: str | None = None  # torch_dist key when it differs from the TE name with the layer dropped
     tied_to: str | None = None  # with tied embeddings this tensor is a copy of that Megatron tensor
     optional: bool = False  # present only when the HF checkpoint has it (e.g. qkv bias)
-    where: str = "all"  # which layers hold it: "all", "dense" (plain MLP) or "moe" (routed experts)
+    where: str = "all"  # which layers hold it: "all" or a `ModelConfig.layer_kind` ("dense", "moe"; "M", "*", "-")
     expert: bool = False  # one tensor per routed expert: `{e}` is the global (HF) / local (Megatron) index
     grouped: str | None = None  # grouped-GEMM name (`--moe-grouped-gemm`) when it differs
     local_dist_key: str | None = None  # torch_dist key of the local spec when it differs from the TE one
@@ -53,6 +54,8 @@ class Rule:
     stack: str | None = None
     placement: str | None = None  # pipeline stage of a tensor outside the layers: "first" or "last"
     unsqueeze: int = 0  # leading singleton axes the Megatron tensor has beyond the HF one (a [1, 1, H] token)
+    parts: Callable[[ModelConfig], tuple[int, ...]] | None = None  # Kind.PARTS: the row sections' sizes
+    dist_parts: tuple[str, ...] = ()  # torch_dist stores each section under its own key `<key>.<name>`
 
     @property
     def per_layer(self) -> bool:
@@ -68,7 +71,7 @@ class Rule:
         return self.placement or ("first" if self.megatron.startswith("embedding.") else "last")
 
     def applies(self, cfg: ModelConfig, layer: int) -> bool:
-        return self.where == "all" or cfg.is_moe_layer(layer) == (self.where == "moe")
+        return self.where == "all" or cfg.layer_kind(layer) == self.where
 
     def kind_for(self, transformer_impl: str) -> Kind:
         return self.local_kind if (transformer_impl == "local" and self.local_kind) else self.kind
@@ -85,7 +88,31 @@ class Rule:
             or self.dist_key or self.megatron.replace("{i}.", "")
         return key if layer is None else key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
 
-    def hf_names(self, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
+    def blocks(self, transformer_impl: str, shapes, names, cfg: ModelConfig, tp: int, r: int,
+               padded_vocab: int) -> list[Block]:
+        """TP rank r's blocks of this rule's Megatron tensor (see `blocks`)."""
+        return blocks(self.kind_for(transformer_impl), shapes, names, self.config(cfg), tp, r, padded_vocab,
+                      self.parts(cfg) if self.parts else None)
+
+    def dist_sections(self, key: str, full: tuple[int, ...], cfg: ModelConfig) -> list[tuple[str, int, tuple]]:
+        """(torch_dist key, first row in the full tensor, global shape) of each key the tensor is stored
+        under: itself, or one per section (`dist_parts`, Megatron's split factories)."""
+        if not self.dist_parts:
+            return [(key, 0, full)]
+        out, start = [], 0
+        for name, n in zip(self.dist_parts, self.parts(cfg)):
+            out.append((f"{key}.{name}", start, (n,) + full[1:]))
+            start += n
+        return out
+
+    def first_dist_key(self, key: str) -> str:
+        """The first key the tensor is stored under in torch_dist: its own, or its first section's."""
+        return f"{key}.{self.dist_parts[0]}" if self.dist_parts else key
+
+    def hf_names(self, layer: int | None, expert: int | None = None, cfg: ModelConfig | None = None) -> tuple[str, ...]:
+        """The HF tensors of Megatron layer `layer` (mapped to its HF layer through `cfg.hf_layers`)."""
+        if cfg is not None and layer is not None:
+            layer = cfg.hf_layer(layer)
         return tuple(n.format(i=layer, e=expert) for n in self.hf)
 
 
@@ -93,9 +120,10 @@ def rule(megatron: str, hf: str | tuple[str, ...], kind: Kind, **kw) -> Rule:
     """Table-row constructor: per-layer names are written relative to the layer prefixes."""
     names = (hf,) if isinstance(hf, str) else tuple(hf)
     is_layer = kw.pop("layer", True)
+    hf_layer = kw.pop("hf_layer", HF_LAYER)  # the HF layer prefix, when not `model.layers.{i}.`
     if is_layer:
         megatron = LAYER + megatron
-        names = tuple(HF_LAYER + n for n in names)
+        names = tuple(hf_layer + n for n in names)
         for field in ("local", "grouped"):
             if kw.get(field):
                 kw[field] = LAYER + kw[field]
@@ -200,7 +228,7 @@ def _split(n: int, parts: int, what: str) -> int:
 
 
 def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cfg: ModelConfig,
-           tp: int, r: int, padded_vocab: int) -> list[Block]:
+           tp: int, r: int, padded_vocab: int, parts: tuple[int, ...] | None = None) -> list[Block]:
     """Geometry of TP rank r's share of one Megatron tensor, from the HF shapes alone."""
     shape = shapes[0]
     full_width = shape[1:]
@@ -226,6 +254,14 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
         n = _split(f, tp, f"ffn_hidden_size of {names[0]}")
         return [Block((half * f + r * n,) + (0,) * len(full_width), (n,) + full_width,
                       (Piece(names[half], (r * n, (r + 1) * n), None, 0),)) for half in (0, 1)]
+    if kind is Kind.PARTS:
+        out, start = [], 0
+        for n_rows in parts:
+            n = _split(n_rows, tp, f"a {n_rows}-row section of {names[0]}")
+            out.append(Block((start + r * n,) + (0,) * len(full_width), (n,) + full_width,
+                             (Piece(names[0], (start + r * n, start + (r + 1) * n), None, 0),)))
+            start += n_rows
+        return out
     if kind is Kind.QKV:
         ng, d, qpg = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group
         groups = _split(ng, tp, "num_query_groups (key/value heads)")

@@ -85,7 +85,38 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
     )
     vars(args).update(_mla_args(cfg))  # MLA replaces some of the attention fields above
     vars(args).update(llava_args(cfg))  # the vision encoder and projector of a LLaVA model
+    vars(args).update(_hybrid_args(cfg))  # so do Mamba hybrids
     return args
+
+
+def _hybrid_args(cfg: ModelConfig) -> dict:
+    """Megatron-LM's MambaModel flags (`--is-hybrid-model`, `--hybrid-override-pattern`, `--mamba-*`, `--spec`).
+    Nemotron-H's attention has no rotary embedding and its MLP is up -> squared ReLU -> down; Mamba-2 has
+    no attention at all (the head count is a placeholder Megatron's argument checks need)."""
+    if not cfg.hybrid:
+        return {}
+    if cfg.hf_layers:  # a GPT model laid out as attention and MLP layers: its rotary embedding and SwiGLU stay
+        return dict(is_hybrid_model=True, hybrid_override_pattern="".join(cfg.layer_kinds), hybrid_attention_ratio=0.0,
+                    hybrid_mlp_ratio=0.0, spec=["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
+                    model_type_name="mamba", transformer_impl="transformer_engine")
+    return dict(
+        is_hybrid_model=True,
+        hybrid_override_pattern="".join(cfg.layer_kinds),
+        hybrid_attention_ratio=0.0,
+        hybrid_mlp_ratio=0.0,
+        mamba_state_dim=cfg.mamba_state_dim,
+        mamba_head_dim=cfg.mamba_head_dim,
+        mamba_num_groups=cfg.mamba_num_groups,
+        mamba_num_heads=cfg.mamba_num_heads,
+        mamba_conv_kernel=cfg.mamba_conv_kernel,
+        spec=["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
+        model_type_name="mamba",
+        position_embedding_type="none",
+        use_rope_scaling=False,
+        swiglu=False,
+        squared_relu=cfg.squared_relu,
+        transformer_impl="transformer_engine",
+    )
 
 
 def _moe_args(cfg: ModelConfig, layout: TargetLayout) -> dict:

@@ -26,9 +26,9 @@ from . import legacy_gpt
 from .dtypes import DTYPE_NAMES
 from .errors import ConversionError
 from .families import family_for
-from .hf_config import ModelConfig, config_from_dict
+from .hf_config import HYBRID_MODEL_TYPES, ModelConfig, config_from_dict
 from .layout import TargetLayout
-from .mapping import Family, Kind, blocks, full_shape, hf_shapes, instances, name_pattern
+from .mapping import Family, Kind, full_shape, hf_shapes, instances, name_pattern
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 _STORAGE_DTYPES = {"FloatStorage": "F32", "BFloat16Storage": "BF16", "HalfStorage": "F16",
@@ -173,6 +173,15 @@ def iteration_dir(path: str) -> str:
 def _config_from_args(args: Namespace) -> ModelConfig:
     """The HF config an HF -> Megatron conversion stored in the args, else one rebuilt from Megatron's flags."""
     stored = getattr(args, "hf_config", None)
+    pattern = getattr(args, "hybrid_override_pattern", None)
+    stored_gpt = isinstance(stored, dict) and stored.get("architectures") and \
+        stored.get("model_type") not in HYBRID_MODEL_TYPES
+    if pattern and set(pattern) <= {"*", "-"} and (getattr(args, "swiglu", False) or stored_gpt):
+        # A GPT model laid out as a MambaModel: read as the GPT model, then placed by the pattern.
+        from .families.gpt_hybrid import gpt_layers_as_hybrid
+
+        gpt = Namespace(**dict(vars(args), num_layers=pattern.count("*"), hybrid_override_pattern=None))
+        return gpt_layers_as_hybrid(_config_from_args(gpt), pattern, "args.hybrid_override_pattern")
     if isinstance(stored, dict) and stored.get("architectures"):
         try:
             cfg = config_from_dict(stored, "args.hf_config")
@@ -202,6 +211,15 @@ def _config_from_args(args: Namespace) -> ModelConfig:
         moe = dict(num_experts=experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_topk=args.moe_router_topk,
                    shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
                    norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False), moe_layers=tuple(pattern))
+    pattern = getattr(args, "hybrid_override_pattern", None)
+    if pattern:  # a MambaModel: Nemotron-H if it has attention or MLP layers, else Mamba-2
+        arch = getattr(args, "hf_architecture", None) or (
+            "Mamba2ForCausalLM" if set(pattern) == {"M"} else "NemotronHForCausalLM")
+        moe = dict(layer_kinds=tuple(pattern), mamba_state_dim=args.mamba_state_dim,
+                   mamba_head_dim=args.mamba_head_dim, mamba_num_groups=args.mamba_num_groups,
+                   mamba_num_heads=getattr(args, "mamba_num_heads", None) or 2 * args.hidden_size // args.mamba_head_dim,
+                   mamba_conv_kernel=getattr(args, "mamba_conv_kernel", None) or 4,
+                   squared_relu=bool(getattr(args, "squared_relu", False)))
     return ModelConfig(
         architecture=arch, model_type=getattr(args, "hf_model_type", ""), num_layers=args.num_layers,
         hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=heads,
@@ -225,6 +243,15 @@ def config_from_args(args: Namespace, where: str) -> ModelConfig:
     return _config_from_args(args)
 
 
+def _family(cfg: ModelConfig, where: str) -> Family:
+    family = family_for(cfg.architecture, where)
+    if cfg.hf_layers:  # a GPT model laid out as a MambaModel
+        from .families.gpt_hybrid import gpt_as_hybrid
+
+        family = gpt_as_hybrid(family)
+    return family
+
+
 def source_layout(args: Namespace, fmt: str, impl: str, grouped: bool) -> TargetLayout:
     return TargetLayout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
                         vpp=getattr(args, "virtual_pipeline_model_parallel_size", None), ckpt_format=fmt,
@@ -242,7 +269,7 @@ def _add_covers(covers, rule, impl, names, cfg, tp, r, padded_vocab, stored_name
     """Covers of one legacy shard (TP rank r's blocks stacked on dim 0), checked against its stored shape."""
     shapes = hf_shapes(rule, cfg)
     row = 0
-    blks = blocks(rule.kind_for(impl), shapes, names, rule.config(cfg), tp, r, padded_vocab)
+    blks = rule.blocks(impl, shapes, names, cfg, tp, r, padded_vocab)
     expected = (1,) * rule.unsqueeze + (sum(b.shape[0] for b in blks),) + blks[0].shape[1:]
     if tuple(stored_shape) != expected:
         raise ConversionError(f"{where}: tensor {stored_name.rsplit('/', 1)[-1]!r} has shape {list(stored_shape)}, "
@@ -281,7 +308,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
     if not isinstance(args, Namespace):
         raise ConversionError(f"{rank_files[0]}: no 'args' namespace; cannot tell the model or its layout")
     cfg = config_from_args(args, rank_files[0])
-    family = family_for(cfg.architecture, f"{rank_files[0]} (args)")
+    family = _family(cfg, f"{rank_files[0]} (args)")
     for f, (obj, _) in meta.items():
         version = obj.get("checkpoint_version", 0)
         if not isinstance(version, (int, float)) or version < 3.0:
@@ -337,7 +364,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
             continue
         tp = layout.expert_tp if rule.expert else layout.tp
         for i, e in instances(rule, cfg):
-            names = rule.hf_names(i, e)
+            names = rule.hf_names(i, e, cfg)
             p, v, j = layout.place(rule, i, placement)
             ep_rank, local = divmod(e, per_ep) if e is not None else (0, None)
             key = rule.name(impl, grouped).format(i=j, e=local)
@@ -379,7 +406,7 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
     if not isinstance(args, Namespace):
         raise ConversionError(f"{common_path}: no 'args' namespace; cannot tell the model")
     cfg = config_from_args(args, common_path)
-    family = family_for(cfg.architecture, f"{common_path} (args)")
+    family = _family(cfg, f"{common_path} (args)")
     tensors = {k: m for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     layout = source_layout(args, "torch_dist", "transformer_engine", False)
     stacked = cfg.layers_alike
@@ -398,59 +425,69 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
         for i, e in instances(rule, cfg):
             layer_key = None if (stacked or i is None) else i
             # The local spec keys a MoE layer's pre-MLP norm differently; take whichever was written.
+            first_key = rule.first_dist_key
             key = next((k for k in (rule.torch_dist_key(impl, layer_key) for impl in ("transformer_engine", "local"))
-                        if k in tensors), rule.torch_dist_key("transformer_engine", layer_key))
-            if key not in tensors:
+                        if first_key(k) in tensors), rule.torch_dist_key("transformer_engine", layer_key))
+            if first_key(key) not in tensors:
                 if rule.optional:
                     break
-                raise ConversionError(f"{folder}: tensor {key!r} missing from the checkpoint's metadata")
-            meta = tensors[key]
+                raise ConversionError(f"{folder}: tensor {first_key(key)!r} missing from the checkpoint's metadata")
             lead = tuple(x for x in ((i if stacked else None), e) if x is not None) + (0,) * rule.unsqueeze
-            names = rule.hf_names(i, e)
+            names = rule.hf_names(i, e, cfg)
             shapes = hf_shapes(rule, cfg)
             if rule.kind is Kind.VOCAB:
-                padded = meta.size[len(lead)]
+                padded = tensors[key].size[len(lead)]
             padded_vocab = padded or args.padded_vocab_size
             # With TP 1 the blocks tile the whole Megatron tensor: global row = block offset + dst_row.
-            full_pieces = [(b.offset[0] + p.dst_row, p) for b in blocks(rule.kind, shapes, names, rule.config(cfg), 1, 0,
-                                                                        padded_vocab)
+            full_pieces = [(b.offset[0] + p.dst_row, p)
+                           for b in rule.blocks("transformer_engine", shapes, names, cfg, 1, 0, padded_vocab)
                            for p in b.pieces if p.source is not None]
-            expected = full_shape(rule.kind, shapes, padded_vocab)
-            if tuple(meta.size[len(lead):]) != expected:
-                raise ConversionError(f"{folder}: tensor {key!r} has global shape {list(meta.size)}, but the "
-                                      f"checkpoint's args imply {list(expected)} after {len(lead)} leading axes")
-            dtype = DTYPE_NAMES.get(meta.properties.dtype)
-            if dtype is None:
-                raise ConversionError(f"{folder}: tensor {key!r} has unsupported dtype {meta.properties.dtype}")
-            for chunk in meta.chunks:
-                off, size = tuple(chunk.offsets), tuple(chunk.sizes)
-                if off[:len(lead)] != lead:
-                    continue
-                if any(s != 1 for s in size[:len(lead)]):
-                    raise ConversionError(f"{folder}: tensor {key!r} has a chunk spanning several layers/experts "
-                                          f"({list(size)}); not supported")
-                info = storage.get((key, off))
-                if info is None:
-                    raise ConversionError(f"{folder}: chunk {key!r} at {list(off)} has no storage entry")
-                inner_off, inner = off[len(lead):], size[len(lead):]
-                name = f"{key}@{','.join(map(str, off))}"
-                stored[name] = SourceTensor(name, os.path.join(folder, info.relative_path), dtype, inner,
-                                            info.offset, info.length, encoding="torch_save")
-                row0 = inner_off[0] if inner_off else 0
-                rows = inner[0] if inner else 1
-                cols = (inner_off[1], inner_off[1] + inner[1]) if len(inner) > 1 else None
-                for start, p in full_pieces:
-                    lo, hi = max(row0, start), min(row0 + rows, start + p.nrows)
-                    if lo >= hi:
-                        continue
-                    hf_rows = (p.rows[0] + lo - start, p.rows[0] + hi - start)
-                    width = shapes[names.index(p.source)][1] if len(shapes[names.index(p.source)]) > 1 else None
-                    chunk_cols = None if (cols is None or cols == (0, width)) else cols
-                    covers[p.source].append(Cover(p.source, hf_rows, chunk_cols, name, lo - row0))
+            for key, first, expected in rule.dist_sections(key, full_shape(rule.kind, shapes, padded_vocab), cfg):
+                if key not in tensors:
+                    raise ConversionError(f"{folder}: tensor {key!r} missing from the checkpoint's metadata")
+                meta = tensors[key]
+                if tuple(meta.size[len(lead):]) != expected:
+                    raise ConversionError(f"{folder}: tensor {key!r} has global shape {list(meta.size)}, but the "
+                                          f"checkpoint's args imply {list(expected)} after {len(lead)} leading axes")
+                dtype = DTYPE_NAMES.get(meta.properties.dtype)
+                if dtype is None:
+                    raise ConversionError(f"{folder}: tensor {key!r} has unsupported dtype {meta.properties.dtype}")
+                _add_chunk_covers(stored, covers, folder, key, meta, lead, first, storage, full_pieces, names, shapes,
+                                  dtype)
             for n, shape in zip(names, shapes):
                 logical[n] = _logical_tensor(n, shape, dtype)
     _check_covered(logical, covers, folder)
     return MegatronSource(path, "torch_dist", args, cfg, family, layout, stored, dict(covers), logical, files)
+
+
+def _add_chunk_covers(stored, covers, folder, key, meta, lead, first, storage, full_pieces, names, shapes, dtype):
+    """The chunks of one DCP tensor as stored tensors, and the HF rows and columns each holds. `first`: the
+    row of the full Megatron tensor where this key's tensor begins (a section stored under its own key)."""
+    for chunk in meta.chunks:
+        off, size = tuple(chunk.offsets), tuple(chunk.sizes)
+        if off[:len(lead)] != lead:
+            continue
+        if any(s != 1 for s in size[:len(lead)]):
+            raise ConversionError(f"{folder}: tensor {key!r} has a chunk spanning several layers/experts "
+                                  f"({list(size)}); not supported")
+        info = storage.get((key, off))
+        if info is None:
+            raise ConversionError(f"{folder}: chunk {key!r} at {list(off)} has no storage entry")
+        inner_off, inner = off[len(lead):], size[len(lead):]
+        name = f"{key}@{','.join(map(str, off))}"
+        stored[name] = SourceTensor(name, os.path.join(folder, info.relative_path), dtype, inner,
+                                    info.offset, info.length, encoding="torch_save")
+        row0 = first + (inner_off[0] if inner_off else 0)
+        rows = inner[0] if inner else 1
+        cols = (inner_off[1], inner_off[1] + inner[1]) if len(inner) > 1 else None
+        for start, p in full_pieces:
+            lo, hi = max(row0, start), min(row0 + rows, start + p.nrows)
+            if lo >= hi:
+                continue
+            hf_rows = (p.rows[0] + lo - start, p.rows[0] + hi - start)
+            width = shapes[names.index(p.source)][1] if len(shapes[names.index(p.source)]) > 1 else None
+            chunk_cols = None if (cols is None or cols == (0, width)) else cols
+            covers[p.source].append(Cover(p.source, hf_rows, chunk_cols, name, lo - row0))
 
 
 def _check_covered(logical: dict[str, SourceTensor], covers: dict[str, list[Cover]], where: str) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .errors import ConversionError
 from .hf_config import ModelConfig
 from .layout import DTYPES, TargetLayout
-from .mapping import Family, Kind, Piece, Rule, blocks, full_shape, hf_shapes, instances, mtp_layer, name_pattern
+from .mapping import Family, Kind, Piece, Rule, full_shape, hf_shapes, instances, mtp_layer, name_pattern
 from .block_fp8 import scale_rows
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
@@ -248,16 +248,16 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
             rules.append(rule)
             continue
         sets = instances(rule, cfg)
-        present = [all(n in index for n in rule.hf_names(i, e)) for i, e in sets]
+        present = [all(n in index for n in rule.hf_names(i, e, cfg)) for i, e in sets]
         if not sets or (rule.optional and not any(present)):
             continue
         for (i, e), ok in zip(sets, present):
             if not ok:
-                missing = next(n for n in rule.hf_names(i, e) if n not in index)
+                missing = next(n for n in rule.hf_names(i, e, cfg) if n not in index)
                 why = f"; config.json declares {cfg.num_experts} experts" if rule.expert else ""
                 raise ConversionError(f"source tensor {missing!r} is missing from the safetensors files "
                                       f"(needed for {rule.megatron.format(i=i, e=e)}{why})")
-            used.update(rule.hf_names(i, e))
+            used.update(rule.hf_names(i, e, cfg))
         rules.append(rule)
     unknown = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings:  # some tied checkpoints still store a copy of the head
@@ -302,7 +302,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
 
     def add_legacy(unit_key, container, key, rule, names, tp, tp_rank):
         shapes = [index[n].shape for n in names]
-        blks = blocks(rule.kind_for(impl), shapes, names, rule.config(cfg), tp, tp_rank, padded_vocab)
+        blks = rule.blocks(impl, shapes, names, cfg, tp, tp_rank, padded_vocab)
         pieces, row = [], 0
         for b in blks:
             pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
@@ -316,6 +316,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         kind = rule.kind_for(impl)
         full = full_shape(kind, shapes, padded_vocab)
         lead_offset, lead_shape = lead_offset + (0,) * rule.unsqueeze, lead_shape + (1,) * rule.unsqueeze
+        sections = rule.dist_sections(key, full, cfg)
         ones = (1,) * len(lead_offset)
         dtype = _output_dtype(layout, index[names[0]], rule)
         # torch_dist chunks need not follow the TP split (Megatron reshards on load). Writing a small tensor
@@ -324,10 +325,12 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         if kind is Kind.REPLICATED or math.prod(full) * DTYPE_SIZES[dtype] <= layout.whole_chunk_bytes:
             tp = 1
         for r in range(tp):
-            for b in blocks(kind, shapes, names, rule.config(cfg), tp, r, padded_vocab):
-                goff = lead_offset + b.offset
-                out.append(((key, goff), Target(-1, -1, None, key, ones + b.shape, dtype, b.pieces,
-                                                lead_shape + full, goff, len(lead_offset))))
+            for b in rule.blocks(impl, shapes, names, cfg, tp, r, padded_vocab):
+                # A block lies within one section (key); its offset becomes relative to that section.
+                k, first, sub_full = next(s for s in sections if s[1] <= b.offset[0] < s[1] + s[2][0])
+                goff = lead_offset + (b.offset[0] - first,) + b.offset[1:]
+                out.append(((k, goff), Target(-1, -1, None, k, ones + b.shape, dtype, b.pieces,
+                                              lead_shape + sub_full, goff, len(lead_offset))))
 
     for rule in rules:
         if rule.tied_to and cfg.tie_word_embeddings:
@@ -338,7 +341,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
             hf_rule = rule
         tp = layout.expert_tp if rule.expert else layout.tp
         for i, e in instances(rule, cfg):
-            names = hf_rule.hf_names(i, e)
+            names = hf_rule.hf_names(i, e, cfg)
             _check_shapes(hf_rule, names, index, cfg)
             p, v, j = layout.place(rule, i, placement)
             if legacy:
@@ -567,15 +570,16 @@ def hf_file_names(count: int) -> list[str]:
 
 def _hf_order(name: str) -> tuple:
     """transformers' state-dict order: embeddings, layers by index, final norm, head."""
-    if name.startswith("model.layers."):
-        layer, rest = name[len("model.layers."):].split(".", 1)
-        return (1, int(layer), rest)
+    for prefix in ("model.layers.", "backbone.layers."):  # Mamba-2 / Nemotron-H name their model `backbone`
+        if name.startswith(prefix):
+            layer, rest = name[len(prefix):].split(".", 1)
+            return (1, int(layer), rest)
     return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
 
 
 def kept_dtypes(family: Family, cfg: ModelConfig) -> set[str]:
     """HF tensors whose dtype no --dtype changes (`Rule.keep_dtype`)."""
-    return {n for r in family.rules if r.keep_dtype for i, e in instances(r, cfg) for n in r.hf_names(i, e)}
+    return {n for r in family.rules if r.keep_dtype for i, e in instances(r, cfg) for n in r.hf_names(i, e, cfg)}
 
 
 def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,

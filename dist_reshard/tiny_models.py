@@ -47,6 +47,18 @@ VARIANTS = {
     "moonlight": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(_DEEPSEEK, q_lora_rank=None)),
 }
 
+# Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in
+# 2 groups of B/C (state 16), so TP2 splits every section. Nemotron-H mixes the three layer kinds (its
+# 6-layer pattern puts an attention layer on each of 2 pipeline stages); Mamba-2 is mamba only.
+HYBRID_VARIANTS = {
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(
+        hybrid_override_pattern="M*-M-*", head_dim=8, intermediate_size=96, ssm_state_size=16, mamba_num_heads=8,
+        mamba_head_dim=16, n_groups=2, layer_norm_epsilon=1e-5, tie_word_embeddings=False)),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(
+        num_heads=8, head_dim=16, state_size=16, n_groups=2, expand=2, layer_norm_epsilon=1e-5,
+        tie_word_embeddings=False)),
+}
+
 MOE_VARIANTS = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "moonlight")
 
 
@@ -54,7 +66,7 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
     import torch
     import transformers
 
-    config_cls, model_cls, extra = VARIANTS[variant]
+    config_cls, model_cls, extra = VARIANTS[variant] if variant in VARIANTS else HYBRID_VARIANTS[variant]
     kw = dict(BASE, **extra)
     kw.update(overrides)
     config = getattr(transformers, config_cls)(**kw)
@@ -65,7 +77,7 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            if name.endswith("bias"):
+            if name.endswith("bias") or name.endswith(("A_log", ".D")):  # incl. dt_bias, conv1d.bias
                 p.normal_(0.0, 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zeros at init; make it change which experts win

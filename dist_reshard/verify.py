@@ -90,6 +90,10 @@ def check_against(out: str, src: str) -> list[str]:
     man = read_manifest(out)
     layout = TargetLayout(**man["layout"])
     cfg, family, index = open_hf_folder(src)
+    if man.get("layer_pattern"):  # a GPT model laid out as a MambaModel (--layer-pattern)
+        from .families.gpt_hybrid import relayout
+
+        cfg, family = relayout(cfg, family, man["layer_pattern"])
     plan = make_plan(family, index, cfg, layout, man["world_size"])
     reader = RangeReader()
     problems = []

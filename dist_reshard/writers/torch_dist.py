@@ -30,10 +30,13 @@ def _extra_state_objects(plan: Plan) -> dict[str, io.BytesIO]:
     """One serialized None per linear module, layer and expert, keyed as Megatron's ShardedObjects are:
     `shard_<offsets>_<shape>` over the leading (layer, expert) axes, or `shard_0_1` without them."""
     out = {}
+    # GPTModel drops output_layer's extra state from its sharded state dict; MambaModel (whose stack ends in
+    # `decoder.final_norm`) keeps it.
+    mamba = any(t.key == "decoder.final_norm.weight" for t in plan.targets)
     for t in plan.targets:
         for module in linear_modules([t.key]):
-            if module.endswith("output_layer"):
-                continue  # the output layer has no sharded extra state; layers and LLaVA's projector do
+            if module.endswith("output_layer") and not (mamba and module == "output_layer"):
+                continue  # the output layer has no sharded extra state (but MambaModel's); layers and LLaVA's projector do
             offsets, shape = (t.global_offset[:t.lead], t.global_shape[:t.lead]) if t.lead else ((0,), (1,))
             key = f"{module}._extra_state/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
             if key not in out:

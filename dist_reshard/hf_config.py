@@ -126,6 +126,11 @@ class ModelConfig:
         return self.q_lora_rank > 0
 
     @property
+    def siglip(self) -> bool:
+        """A composite model whose vision stack is a SigLIP tower (LLaVA's rows select by it, `Rule.when`)."""
+        return bool(self.stacks) and self.stack("vision").model_type == "siglip_vision_model"
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

@@ -97,18 +97,28 @@ def save_model(model, folder: str, max_shard_size: str = "200KB") -> str:
 # token) and a tiny Llama. vision_feature_layer -2 leaves the last CLIP layer and post_layernorm unused.
 LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
                     patch_size=8, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
+# The SigLIP variant: the same sizes, no class token (16 features), its own activation and eps, the pooling head
+# kept (LLaVA never uses it), read at the post-normed last layer (the one SigLIP setting Megatron computes).
+LLAVA_SIGLIP_VISION = dict(LLAVA_VISION, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True,
+                           tie_last_hidden_states=True)
+LLAVA_SIGLIP = dict(vision_feature_layer=-1, vision_feature_select_strategy="full")
 LLAVA_IMAGE_TOKEN = 999  # the last vocabulary entry; HF repeats it once per image feature
 
 
-def build_llava(seed: int = 0, dtype: str = "float32", text_model: str = "llama", **overrides):
-    """A seeded tiny LlavaForConditionalGeneration (CLIP + the `text_model` variant: llama3 or mistral), norms and
-    biases randomised."""
+def build_llava(seed: int = 0, dtype: str = "float32", text_model: str = "llama", vision_model: str = "clip",
+                **overrides):
+    """A seeded tiny LlavaForConditionalGeneration (a `vision_model` tower, clip or siglip, + the `text_model`
+    variant: llama3 or mistral), norms and biases randomised."""
     import torch
     import transformers
 
     config_cls, _, extra = VARIANTS[{"llama": "llama3"}.get(text_model, text_model)]
     text_config = getattr(transformers, config_cls)(**dict(BASE, **extra))
-    vision_config = transformers.CLIPVisionConfig(**LLAVA_VISION)
+    if vision_model == "siglip":
+        vision_config = transformers.SiglipVisionConfig(**LLAVA_SIGLIP_VISION)
+        overrides = dict(LLAVA_SIGLIP, **overrides)
+    else:
+        vision_config = transformers.CLIPVisionConfig(**LLAVA_VISION)
     config = transformers.LlavaConfig(vision_config=vision_config, text_config=text_config,
                                       image_token_index=LLAVA_IMAGE_TOKEN, image_seq_length=16, **overrides)
     torch.manual_seed(seed)

@@ -11,6 +11,9 @@ HF names are what transformers 5's `save_pretrained` writes (`language_model.mod
 `multi_modal_projector.…`); its in-memory names (`model.language_model.…`, `lm_head.weight`,
 `model.vision_tower.…`) and older hub checkpoints' `vision_tower.vision_model.…` are renamed on reading.
 CLIP layers past the ones LLaVA uses (see llava_config.py) and the tower's `post_layernorm` are left out.
+A SigLIP tower (CLIPViTModel subtype "siglip", selected by the config's `siglip` feature) has the same layers;
+its embeddings differ (conv1 bias, no class token, no ln_pre), its `post_layernorm` is Megatron's `ln_post`,
+and its attention-pooling `head` is left out.
 """
 
 import dataclasses
@@ -42,17 +45,24 @@ def _ffn(c):
     return [(c.ffn_hidden_size,)]
 
 
+def _whole(megatron: str, hf: str, **kw) -> Rule:
+    """A vision tensor outside the layers: whole on every TP rank of the first stage."""
+    return Rule(VIT + megatron, (HF_VIT + hf,), Kind.REPLICATED, stack="vision", placement="first", **kw)
+
+
+# CLIP: a class token and ln_pre (pre_layrnorm), a bias-free conv1; SigLIP ("siglip" rows): no class token, a
+# conv1 bias, no ln_pre, and ln_post (post_layernorm) applied to the last layer's output.
 VISION_EMBEDDINGS = (
-    Rule(VIT + "class_token", (HF_VIT + "embeddings.class_embedding",), Kind.REPLICATED, stack="vision",
-         placement="first", unsqueeze=2),
-    Rule(VIT + "conv1.weight", (HF_VIT + "embeddings.patch_embedding.weight",), Kind.REPLICATED, stack="vision",
-         placement="first", shape=lambda c: [(c.hidden_size, c.raw["num_channels"], c.raw["patch_size"],
-                                              c.raw["patch_size"])]),
-    Rule(VIT + "position_embeddings.weight", (HF_VIT + "embeddings.position_embedding.weight",), Kind.REPLICATED,
-         stack="vision", placement="first", shape=lambda c: [(c.max_position_embeddings, c.hidden_size)]),
-    Rule(VIT + "ln_pre.weight", (HF_VIT + "pre_layrnorm.weight",), Kind.REPLICATED, stack="vision",
-         placement="first"),
-    Rule(VIT + "ln_pre.bias", (HF_VIT + "pre_layrnorm.bias",), Kind.REPLICATED, stack="vision", placement="first"),
+    _whole("class_token", "embeddings.class_embedding", unsqueeze=2, when="!siglip"),
+    _whole("conv1.weight", "embeddings.patch_embedding.weight",
+           shape=lambda c: [(c.hidden_size, c.raw["num_channels"], c.raw["patch_size"], c.raw["patch_size"])]),
+    _whole("conv1.bias", "embeddings.patch_embedding.bias", shape=lambda c: [(c.hidden_size,)], when="siglip"),
+    _whole("position_embeddings.weight", "embeddings.position_embedding.weight",
+           shape=lambda c: [(c.max_position_embeddings, c.hidden_size)]),
+    _whole("ln_pre.weight", "pre_layrnorm.weight", when="!siglip"),
+    _whole("ln_pre.bias", "pre_layrnorm.bias", when="!siglip"),
+    _whole("ln_post.weight", "post_layernorm.weight", when="siglip"),
+    _whole("ln_post.bias", "post_layernorm.bias", when="siglip"),
 )
 
 VISION_LAYER = (
@@ -132,8 +142,9 @@ class Llava(Family):
 
 
 def _unused_vision(name: str, cfg) -> bool:
-    """CLIP tensors LLaVA's forward never reads: layers past the selected feature layer, post_layernorm."""
-    if name.startswith(HF_VIT + "post_layernorm."):
+    """Vision tensors LLaVA's forward never reads: layers past the selected feature layer, CLIP's post_layernorm,
+    SigLIP's attention-pooling head."""
+    if name.startswith(HF_VIT + ("head." if cfg.siglip else "post_layernorm.")):
         return True
     prefix = HF_VIT + "encoder.layers."
     return name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) >= cfg.stack("vision").num_layers

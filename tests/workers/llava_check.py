@@ -23,8 +23,8 @@ if __name__ == "__main__":
     from mcore_llava import build_llava_model, llava_logits
 
     def image_features(args) -> int:
-        """Image features per image: the patches, and the class token unless it is dropped."""
-        return (args.img_h // args.patch_dim) ** 2 + (0 if args.disable_vision_class_token else 1)
+        """Image features per image: the patches, and the class token (none in SigLIP) unless it is dropped."""
+        return (args.img_h // args.patch_dim) ** 2 + (0 if args.disable_vision_class_token else args.class_token_len)
 
     def sequence_length(args) -> int:
         return TEXT_TOKENS + image_features(args)

@@ -28,13 +28,11 @@ def _patch_clip_norm() -> None:
 
 
 def _activation(name: str):
-    import functools
+    from megatron.core.activations import fast_gelu, quick_gelu
 
-    from megatron.core.activations import quick_gelu
-
-    # SigLIP's gelu_pytorch_tanh is GELU's tanh approximation (what examples/multimodal's siglip preset runs).
-    return {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu,
-            "gelu_pytorch_tanh": functools.partial(torch.nn.functional.gelu, approximate="tanh")}[name]
+    # SigLIP's gelu_pytorch_tanh is GELU's tanh approximation: Megatron's fast_gelu, which examples/multimodal's
+    # siglip preset runs (the same formula, computed unfused).
+    return {"quick_gelu": quick_gelu, "gelu": torch.nn.functional.gelu, "gelu_pytorch_tanh": fast_gelu}[name]
 
 
 def build_llava_model(args, seq_len: int):

@@ -16,8 +16,9 @@ from dist_reshard.rank_plan import make_plan
 from dist_reshard.tiny_models import build_llava, save_model
 from reference_llava import llava_legacy_files
 
-# Tensors of the CLIP tower LLaVA never reads (vision_feature_layer -2: the last of 3 layers; post_layernorm).
-UNUSED = ("vision_tower.encoder.layers.2.", "vision_tower.post_layernorm.")
+# Tensors of the tower LLaVA never reads: CLIP (vision_feature_layer -2): the last of 3 layers and post_layernorm;
+# SigLIP (the post-normed last layer): its attention-pooling head.
+UNUSED = {"hf": ("vision_tower.encoder.layers.2.", "vision_tower.post_layernorm."), "hf_siglip": ("vision_tower.head.",)}
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,8 @@ def llava(tmp_path_factory):
     save_model(build_llava(seed=4, vision_feature_select_strategy="full", vision_feature_layer=-1),
                str(root / "hf_full"))
     save_model(build_llava(seed=5, text_model="mistral"), str(root / "hf_mistral"))
+    # A SigLIP tower: every layer read post-normed (tie_last_hidden_states), strategy "full", pooling head kept.
+    save_model(build_llava(seed=6, vision_model="siglip"), str(root / "hf_siglip"))
     # The same weights under transformers 5's module names and under older hub checkpoints' CLIP wrapper.
     from safetensors.torch import save_file
 
@@ -47,10 +50,12 @@ def llava(tmp_path_factory):
 
 
 def test_logits_match_hf(llava, tmp_path):
-    """LLaVAModel at TP2 and PP2, legacy (strict load) and torch_dist (dist_checkpointing.load); at TP2 also with
-    the class token kept and all CLIP layers used (strategy "full", feature layer -1), and with Mistral."""
-    cases = [dict(load=str(llava / "hf"), save=str(tmp_path / f"{fmt}_tp{tp}_pp{pp}"), format=fmt, tp=tp, pp=pp)
-             for tp, pp in ((2, 1), (1, 2)) for fmt in ("torch", "torch_dist")]
+    """LLaVAModel at TP2 and PP2, legacy (strict load) and torch_dist (dist_checkpointing.load), with a CLIP and
+    a SigLIP tower (PP2 legacy only); at TP2 also with the class token kept and all CLIP layers used (strategy
+    "full", feature layer -1), and with Mistral."""
+    cases = [dict(load=str(llava / src), save=str(tmp_path / f"{src}_{fmt}_tp{tp}_pp{pp}"), format=fmt, tp=tp, pp=pp)
+             for src in ("hf", "hf_siglip") for tp, pp in ((2, 1), (1, 2)) for fmt in ("torch", "torch_dist")
+             if src == "hf" or (tp, fmt) != (1, "torch_dist")]
     cases += [dict(load=str(llava / src), save=str(tmp_path / src), format="torch", tp=2, pp=1)
               for src in ("hf_full", "hf_mistral")]
     path, out = tmp_path / "cases.json", tmp_path / "results.json"
@@ -64,28 +69,32 @@ def test_logits_match_hf(llava, tmp_path):
 
 @pytest.fixture(scope="module")
 def converted(llava, tmp_path_factory):
-    """HF -> TP2 legacy and torch_dist (local spec), from each name layout, then each back to HF."""
+    """HF -> TP2 legacy and torch_dist (local spec), from each name layout and the SigLIP model, then each back
+    to HF."""
     out = tmp_path_factory.mktemp("llava_out")
     cases = [dict(load=str(llava / src), save=str(out / f"{src}_{fmt}"), format=fmt, tp=2, pp=1, impl="local")
-             for src in ("hf", "hf_module_names", "hf_hub_names") for fmt in ("torch", "torch_dist")]
-    cases.append(dict(load=str(llava / "hf"), save=str(out / "hf_tp2_pp2"), format="torch", tp=2, pp=2, impl="local"))
-    cases += [dict(src="mcore", dst="hf", load=str(out / f"hf_{fmt}"), save=str(out / f"back_{fmt}"))
-              for fmt in ("torch", "torch_dist")]
+             for src in ("hf", "hf_module_names", "hf_hub_names", "hf_siglip") for fmt in ("torch", "torch_dist")]
+    cases += [dict(load=str(llava / src), save=str(out / f"{src}_tp2_pp2"), format="torch", tp=2, pp=2, impl="local")
+              for src in ("hf", "hf_siglip")]
+    cases += [dict(src="mcore", dst="hf", load=str(out / f"{src}_{fmt}"), save=str(out / f"back_{src}_{fmt}"))
+              for src in ("hf", "hf_siglip") for fmt in ("torch", "torch_dist")]
     # Megatron -> Megatron in another layout (TP2 legacy -> PP2 torch_dist), then back to HF.
     cases += [dict(src="mcore", load=str(out / "hf_torch"), save=str(out / "resharded"), format="torch_dist", tp=1,
                    pp=2, impl="local"),
-              dict(src="mcore", dst="hf", load=str(out / "resharded"), save=str(out / "back_resharded"))]
+              dict(src="mcore", dst="hf", load=str(out / "resharded"), save=str(out / "back_hf_resharded"))]
     run_cases(2, cases, out)
     return out
 
 
-@pytest.mark.parametrize("src, pp", [("hf", 1), ("hf_module_names", 1), ("hf_hub_names", 1), ("hf", 2)])
+@pytest.mark.parametrize("src, pp", [("hf", 1), ("hf_module_names", 1), ("hf_hub_names", 1), ("hf", 2),
+                                     ("hf_siglip", 1), ("hf_siglip", 2)])
 def test_bit_exact_tp2(llava, converted, src, pp):
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(llava / "hf"))
-    expected = llava_legacy_files(load_hf_state(str(llava / "hf")), config, 2, pp)
-    folder = converted / (f"{src}_torch" if pp == 1 else "hf_tp2_pp2") / "iter_0000001"
+    model = "hf_siglip" if src == "hf_siglip" else "hf"
+    config = AutoConfig.from_pretrained(str(llava / model))
+    expected = llava_legacy_files(load_hf_state(str(llava / model)), config, 2, pp)
+    folder = converted / (f"{src}_torch" if pp == 1 else f"{src}_tp2_pp2") / "iter_0000001"
     for (r, p), want in expected.items():
         name = f"mp_rank_{r:02d}" + (f"_{p:03d}" if pp > 1 else "")
         state = torch.load(folder / name / "model_optim_rng.pt", weights_only=False)
@@ -93,29 +102,39 @@ def test_bit_exact_tp2(llava, converted, src, pp):
         assert sorted(got) == sorted(want)
         for k, v in want.items():
             assert got[k].shape == v.shape and torch.equal(got[k], v), k
-        assert state["args"].encoder_num_layers == 2 and state["args"].disable_vision_class_token
+        args = state["args"]
+        if model == "hf_siglip":  # every layer; no class token to drop (LLaVAModel asserts it is not dropped)
+            assert (args.vision_model_type, args.encoder_num_layers, args.class_token_len) == ("siglip", 3, 0)
+            assert not args.disable_vision_class_token and args.vision_activation == "gelu_pytorch_tanh"
+        else:
+            assert args.vision_model_type == "clip" and args.encoder_num_layers == 2
+            assert args.disable_vision_class_token and args.class_token_len == 1
 
 
-@pytest.mark.parametrize("fmt", ["torch", "torch_dist", "resharded"])
-def test_round_trip_reproduces_source(llava, converted, fmt):
+@pytest.mark.parametrize("src, fmt", [("hf", "torch"), ("hf", "torch_dist"), ("hf", "resharded"),
+                                      ("hf_siglip", "torch"), ("hf_siglip", "torch_dist")])
+def test_round_trip_reproduces_source(llava, converted, src, fmt):
     """HF -> Megatron -> HF: every tensor LLaVA uses comes back bit for bit, under save_pretrained's names,
-    with the source config; the unused CLIP tensors are the only ones left out."""
-    source, back = load_hf_state(str(llava / "hf")), load_hf_state(str(converted / f"back_{fmt}"))
-    kept = {k for k in source if not k.startswith(UNUSED)}
+    with the source config; the unused tower tensors are the only ones left out."""
+    back_folder = converted / f"back_{src}_{fmt}"
+    source, back = load_hf_state(str(llava / src)), load_hf_state(str(back_folder))
+    kept = {k for k in source if not k.startswith(UNUSED[src])}
     assert sorted(back) == sorted(kept) and len(kept) < len(source)
     for k in kept:
         assert back[k].dtype == source[k].dtype and torch.equal(back[k], source[k]), k
-    with open(llava / "hf" / "config.json") as f, open(converted / f"back_{fmt}" / "config.json") as g:
+    with open(llava / src / "config.json") as f, open(back_folder / "config.json") as g:
         assert json.load(f) == json.load(g)
 
 
-def test_export_without_stored_hf_config(llava, converted, tmp_path):
+@pytest.mark.parametrize("src", ["hf", "hf_siglip"])
+def test_export_without_stored_hf_config(llava, converted, tmp_path, src):
     """A LLaVAModel checkpoint whose args carry no HF config is recognised by its vision args; the exported
-    HF model (a CLIP tower of exactly the layers Megatron holds, read at its last) gives the source's logits."""
+    HF model (a CLIP tower of exactly the layers Megatron holds, read at its last; a SigLIP tower read
+    post-normed, without the pooling head) gives the source's logits."""
     from transformers import LlavaForConditionalGeneration
 
     bare = tmp_path / "bare"
-    shutil.copytree(converted / "hf_torch", bare)
+    shutil.copytree(converted / f"{src}_torch", bare)
     for r in range(2):
         path = bare / "iter_0000001" / f"mp_rank_{r:02d}" / "model_optim_rng.pt"
         state = torch.load(path, weights_only=False)
@@ -123,17 +142,41 @@ def test_export_without_stored_hf_config(llava, converted, tmp_path):
         torch.save(state, path)
     run_cases(2, [dict(src="mcore", dst="hf", load=str(bare), save=str(tmp_path / "exported"))], tmp_path)
     cfg = json.loads((tmp_path / "exported" / "config.json").read_text())
-    assert cfg["vision_config"]["num_hidden_layers"] == 2 and cfg["vision_feature_layer"] == -1
+    vision = cfg["vision_config"]
+    assert cfg["vision_feature_layer"] == -1
+    if src == "hf_siglip":
+        assert (vision["model_type"], vision["num_hidden_layers"], vision["tie_last_hidden_states"],
+                vision["vision_use_head"], cfg["vision_feature_select_strategy"]) == (
+            "siglip_vision_model", 3, True, False, "full")
+    else:
+        assert vision["model_type"] == "clip_vision_model" and vision["num_hidden_layers"] == 2
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(1, 3, 32, 32, generator=gen)
     ids = torch.cat([torch.randint(0, 999, (1, 3), generator=gen), torch.full((1, 16), 999),
                      torch.randint(0, 999, (1, 5), generator=gen)], 1)
     logits = []
-    for folder in (llava / "hf", tmp_path / "exported"):
+    for folder in (llava / src, tmp_path / "exported"):
         model = LlavaForConditionalGeneration.from_pretrained(str(folder), dtype=torch.float32).eval()
         with torch.no_grad():
             logits.append(model(input_ids=ids, pixel_values=images).logits)
     assert torch.equal(logits[0], logits[1])
+
+
+def test_siglip_pre_norm_features_differ(llava):
+    """Why a SigLIP tower without tie_last_hidden_states is refused: HF LLaVA then reads the last layer before
+    post_layernorm, which changes its logits far beyond the 1e-4 that the converted (ln_post) model meets."""
+    from transformers import LlavaForConditionalGeneration
+
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(1, 3, 32, 32, generator=gen)
+    ids = torch.cat([torch.randint(0, 999, (1, 3), generator=gen), torch.full((1, 16), 999)], 1)
+    model = LlavaForConditionalGeneration.from_pretrained(str(llava / "hf_siglip"), dtype=torch.float32).eval()
+    logits = []
+    for tie in (True, False):
+        model.model.vision_tower.config.tie_last_hidden_states = tie
+        with torch.no_grad():
+            logits.append(model(input_ids=ids, pixel_values=images).logits)
+    assert ((logits[0] - logits[1]).abs().max() / logits[0].abs().max()).item() > 1e-2
 
 
 def test_torch_dist_keys(converted):
@@ -146,11 +189,18 @@ def test_torch_dist_keys(converted):
     assert list(md["language_model.decoder.layers.self_attention.linear_qkv.weight"].size) == [4, 128, 64]
     assert list(md["vision_model.class_token"].size) == [1, 1, 32]
     assert list(md["vision_projection.encoder.linear_fc1.weight"].size) == [64, 32]
+    # SigLIP: a conv1 bias and ln_post, positions for the 16 patches alone, no class token or ln_pre.
+    md = FileSystemReader(str(converted / "hf_siglip_torch_dist" / "iter_0000001")).read_metadata().state_dict_metadata
+    for key, size in (("vision_model.conv1.bias", [32]), ("vision_model.ln_post.weight", [32]),
+                      ("vision_model.position_embeddings.weight", [16, 32]),
+                      ("vision_model.decoder.layers.self_attention.linear_qkv.weight", [3, 96, 32])):
+        assert list(md[key].size) == size, key
+    assert not any(k.startswith(("vision_model.class_token", "vision_model.ln_pre")) for k in md)
 
 
-def _edited(llava, tmp_path, edit) -> str:
+def _edited(llava, tmp_path, edit, src="hf") -> str:
     folder = tmp_path / "edited"
-    shutil.copytree(llava / "hf", folder)
+    shutil.copytree(llava / src, folder)
     cfg = json.loads((folder / "config.json").read_text())
     edit(cfg)
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -160,8 +210,8 @@ def _edited(llava, tmp_path, edit) -> str:
 @pytest.mark.parametrize("edit, layout, message", [
     (lambda c: c.update(vision_feature_layer=[-2, -1]), {}, "vision_feature_layer = [-2, -1]: Megatron-Core"),
     (lambda c: c.update(vision_feature_layer=0), {}, "vision_feature_layer = 0 selects the vision embeddings"),
-    (lambda c: c["vision_config"].update(model_type="siglip_vision_model"), {},
-     "vision_config.model_type = 'siglip_vision_model': only CLIP"),
+    (lambda c: c["vision_config"].update(model_type="dinov2"), {},
+     "vision_config.model_type = 'dinov2': supported vision towers: clip_vision_model, siglip_vision_model"),
     (lambda c: c["text_config"].update(model_type="qwen2"), {}, "text_config.model_type = 'qwen2'"),
     (lambda c: c.update(projector_hidden_act="gelu_pytorch_tanh"), {}, "projector_hidden_act = 'gelu_pytorch_tanh'"),
     (lambda c: c["vision_config"].update(num_attention_heads=2), dict(tp=4),
@@ -169,10 +219,31 @@ def _edited(llava, tmp_path, edit) -> str:
     (lambda c: None, dict(pp=2, vpp=2), "--vpp: not supported for LLaVA"),
 ])
 def test_refusals(llava, tmp_path, edit, layout, message):
-    folder = _edited(llava, tmp_path, edit)
+    _refused(_edited(llava, tmp_path, edit), layout, message)
+
+
+def _refused(folder, layout, message):
     with pytest.raises(ConversionError, match=message.replace("[", r"\[").replace("]", r"\]")):
         cfg, family, index = open_hf_folder(folder)
         make_plan(family, index, cfg, TargetLayout(ckpt_format="torch", **layout), 2)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # HF takes these hidden states before post_layernorm; Megatron's siglip CLIPViTModel always applies ln_post.
+    (lambda c: c.update(vision_feature_layer=-2), "vision_feature_layer = -2 with a SigLIP tower"),
+    (lambda c: c.update(vision_feature_layer=2), "vision_feature_layer = 2 with a SigLIP tower"),
+    (lambda c: c["vision_config"].pop("tie_last_hidden_states"),
+     "tie_last_hidden_states = None: HF LLaVA takes that hidden state before post_layernorm"),
+    (lambda c: c["vision_config"].update(tie_last_hidden_states=False), "tie_last_hidden_states = False"),
+    # "default" drops SigLIP's first patch; LLaVAModel asserts SigLIP's features are not cropped.
+    (lambda c: c.update(vision_feature_select_strategy="default"),
+     "vision_feature_select_strategy = 'default' with a SigLIP tower drops its first patch"),
+    (lambda c: c["vision_config"].update(hidden_act="relu"), "vision_config.hidden_act = 'relu'"),
+    (lambda c: c["vision_config"].update(image_size=[32, 48]), "vision_config.image_size / patch_size = [32, 48]"),
+])
+def test_siglip_refusals(llava, tmp_path, edit, message):
+    """SigLIP settings Megatron-Core's CLIPViTModel (subtype siglip) cannot compute, refused by name."""
+    _refused(_edited(llava, tmp_path, edit, "hf_siglip"), {}, message)
 
 
 

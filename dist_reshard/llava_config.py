@@ -100,9 +100,9 @@ def llava_config(cfg: dict, path: str):
     if v["num_channels"] != 3:
         raise ConversionError(f"{path}: vision_config.num_channels = {v['num_channels']}: Megatron-Core's "
                               f"CLIPViTModel takes 3-channel images")
-    if v["image_size"] % v["patch_size"]:
-        raise ConversionError(f"{path}: vision_config.image_size {v['image_size']} is not a multiple of "
-                              f"patch_size {v['patch_size']}")
+    if v["image_size"] < v["patch_size"]:
+        raise ConversionError(f"{path}: vision_config.image_size {v['image_size']} is smaller than patch_size "
+                              f"{v['patch_size']}")
     built = vision_layers(cfg.get("vision_feature_layer", -2), v["num_hidden_layers"], path)
     if subtype == "siglip":
         _check_siglip(cfg, v, built, strategy, path)
@@ -121,6 +121,13 @@ def llava_config(cfg: dict, path: str):
     return dataclasses.replace(lm, architecture=cfg["architectures"][0], model_type=str(cfg.get("model_type", "llava")),
                                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", lm.tie_word_embeddings)),
                                dtype=lm.dtype or _dtype(cfg), raw=cfg, stacks=(("vision", vision_cfg),))
+
+
+def _image_size(v: dict) -> int:
+    """Megatron's img_h / img_w: the pixels the patch grid covers. HF's patch conv (stride = kernel = patch) floors
+    the grid and ignores the remainder (SigLIP so400m: 384 px in 27 x 27 patches of 14); CLIPViTModel asserts
+    that img_h is a multiple of patch_dim, and its conv1 floors the same way."""
+    return v["image_size"] // v["patch_size"] * v["patch_size"]
 
 
 def _check_siglip(cfg: dict, v: dict, built: int, strategy: str, path: str) -> None:
@@ -157,7 +164,7 @@ def llava_args(cfg) -> dict:
         language_model_type=cfg.raw.get("text_config", {}).get("model_type", "llama"),
         encoder_num_layers=vision.num_layers,
         decoder_num_layers=cfg.num_layers,
-        img_h=v["image_size"], img_w=v["image_size"], patch_dim=v["patch_size"],
+        img_h=_image_size(v), img_w=_image_size(v), patch_dim=v["patch_size"],
         class_token_len=int(subtype == "clip"),  # LLaVAModel asserts none for SigLIP
         disable_vision_class_token=cfg.raw.get("vision_feature_select_strategy", "default") == "default",
         vision_projection_type="mlp",

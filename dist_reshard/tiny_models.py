@@ -99,8 +99,9 @@ LLAVA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, n
                     patch_size=8, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu")
 # The SigLIP variant: the same sizes, no class token (16 features), its own activation and eps, the pooling head
 # kept (LLaVA never uses it), read at the post-normed last layer (the one SigLIP setting Megatron computes).
-LLAVA_SIGLIP_VISION = dict(LLAVA_VISION, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", vision_use_head=True,
-                           tie_last_hidden_states=True)
+# 36 px in patches of 8 (like so400m's 384 px in 14): the conv floors to a 4 x 4 grid, Megatron's img_h is 32.
+LLAVA_SIGLIP_VISION = dict(LLAVA_VISION, image_size=36, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                           vision_use_head=True, tie_last_hidden_states=True)
 LLAVA_SIGLIP = dict(vision_feature_layer=-1, vision_feature_select_strategy="full")
 LLAVA_IMAGE_TOKEN = 999  # the last vocabulary entry; HF repeats it once per image feature
 

@@ -105,6 +105,7 @@ def test_bit_exact_tp2(llava, converted, src, pp):
         args = state["args"]
         if model == "hf_siglip":  # every layer; no class token to drop (LLaVAModel asserts it is not dropped)
             assert (args.vision_model_type, args.encoder_num_layers, args.class_token_len) == ("siglip", 3, 0)
+            assert (args.img_h, args.img_w, args.patch_dim) == (32, 32, 8)  # 36 px: the 4 x 4 grid covers 32
             assert not args.disable_vision_class_token and args.vision_activation == "gelu_pytorch_tanh"
         else:
             assert args.vision_model_type == "clip" and args.encoder_num_layers == 2
@@ -146,8 +147,8 @@ def test_export_without_stored_hf_config(llava, converted, tmp_path, src):
     assert cfg["vision_feature_layer"] == -1
     if src == "hf_siglip":
         assert (vision["model_type"], vision["num_hidden_layers"], vision["tie_last_hidden_states"],
-                vision["vision_use_head"], cfg["vision_feature_select_strategy"]) == (
-            "siglip_vision_model", 3, True, False, "full")
+                vision["vision_use_head"], vision["image_size"], cfg["vision_feature_select_strategy"]) == (
+            "siglip_vision_model", 3, True, False, 32, "full")
     else:
         assert vision["model_type"] == "clip_vision_model" and vision["num_hidden_layers"] == 2
     gen = torch.Generator().manual_seed(1)
@@ -240,6 +241,7 @@ def _refused(folder, layout, message):
      "vision_feature_select_strategy = 'default' with a SigLIP tower drops its first patch"),
     (lambda c: c["vision_config"].update(hidden_act="relu"), "vision_config.hidden_act = 'relu'"),
     (lambda c: c["vision_config"].update(image_size=[32, 48]), "vision_config.image_size / patch_size = [32, 48]"),
+    (lambda c: c["vision_config"].update(image_size=6), "vision_config.image_size 6 is smaller than patch_size 8"),
 ])
 def test_siglip_refusals(llava, tmp_path, edit, message):
     """SigLIP settings Megatron-Core's CLIPViTModel (subtype siglip) cannot compute, refused by name."""
@@ -295,3 +297,45 @@ def test_llava_15_7b_plan():
     assert vision == {f"iter_0000001/mp_rank_{r:02d}_000/model_optim_rng.pt" for r in range(4)}
     layers = {int(t.key.split(".")[3]) for t in plan.targets if t.key.startswith("vision_model.decoder.layers.")}
     assert layers == set(range(23))
+
+
+def test_siglip_so400m_plan():
+    """A LLaVA with SigLIP so400m at 384 px (27 layers of 1152, 729 patches; hub names `vision_tower.vision_model.`)
+    over 16 simulated ranks at TP4 PP4: names and shapes from transformers' own model on the meta device; all 27
+    layers, conv1 bias and ln_post on the first stage; every byte used read once, the pooling head never."""
+    import transformers
+
+    from dist_reshard.families import family_for
+    from dist_reshard.hf_config import config_from_dict
+    from synthetic import lay_out
+
+    raw = dict(LLAVA_15_7B, vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=729,
+               vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                                  num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,
+                                  tie_last_hidden_states=True))
+    config = transformers.LlavaConfig(**{k: v for k, v in raw.items() if k != "architectures"})
+    with torch.device("meta"):
+        model = transformers.LlavaForConditionalGeneration(config)
+    hub = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+           "model.vision_tower.": "vision_tower.vision_model.", "model.multi_modal_projector.": "multi_modal_projector."}
+    tensors = {next(new + k[len(old):] for old, new in hub.items() if k.startswith(old)): (tuple(t.shape), "F16")
+               for k, t in model.state_dict().items()}
+    cfg = config_from_dict(raw)
+    family = family_for(cfg.architecture)
+    index = family.source_index(lay_out(tensors, 5 << 30), cfg)
+    head = [n for n in tensors if n.startswith("vision_tower.vision_model.head.")]
+    assert head and not any(n.replace("vision_model.", "", 1) in index for n in head)
+    assert len(index) == len(tensors) - len(head)
+    plan = make_plan(family, index, cfg, TargetLayout(tp=4, pp=4, ckpt_format="torch"), 16)
+    read = {}
+    for item in plan.items:
+        read[item.source] = read.get(item.source, 0) + item.nbytes
+    assert read == {n: t.nbytes for n, t in index.items()}
+    files = {u.index: u.path for u in plan.units}
+    shapes = {(t.key, files[t.unit]): t.shape for t in plan.targets}
+    first = "iter_0000001/mp_rank_00_000/model_optim_rng.pt"
+    assert shapes[("vision_model.conv1.bias", first)] == (1152,)
+    assert shapes[("vision_model.position_embeddings.weight", first)] == (729, 1152)
+    assert shapes[("vision_model.ln_post.weight", first)] == (1152,)
+    assert shapes[("vision_model.decoder.layers.26.mlp.linear_fc1.weight", first)] == (4304 // 4, 1152)
+    assert not any(k.startswith(("vision_model.class_token", "vision_model.ln_pre")) for k, _ in shapes)

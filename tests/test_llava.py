@@ -261,29 +261,35 @@ LLAVA_15_7B = {"architectures": ["LlavaForConditionalGeneration"], "model_type":
                                  "patch_size": 14, "projection_dim": 768, "vocab_size": 32000}}
 
 
-def test_llava_15_7b_plan():
-    """The published 7B config (transformers' defaults fill the rest) over 16 simulated ranks at TP4 PP4: tensor
-    names and shapes from transformers' own model on the meta device under the hub's names; 23 CLIP layers on
-    the first stage; every byte LLaVA uses read exactly once, the unused CLIP layer and post_layernorm never."""
+def _planned_from_meta(raw: dict):
+    """A published-size LLaVA config: transformers' own model on the meta device gives the tensors (under the hub's
+    names, F16), planned over 16 simulated ranks at TP4 PP4. (tensors, config, source index, plan)."""
     import transformers
 
-    from dist_reshard.hf_config import config_from_dict
     from dist_reshard.families import family_for
+    from dist_reshard.hf_config import config_from_dict
     from synthetic import lay_out
 
-    config = transformers.LlavaConfig(**{k: v for k, v in LLAVA_15_7B.items() if k not in ("architectures",)})
+    config = transformers.LlavaConfig(**{k: v for k, v in raw.items() if k != "architectures"})
     with torch.device("meta"):
         model = transformers.LlavaForConditionalGeneration(config)
     hub = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
            "model.vision_tower.": "vision_tower.vision_model.", "model.multi_modal_projector.": "multi_modal_projector."}
     tensors = {next(new + k[len(old):] for old, new in hub.items() if k.startswith(old)): (tuple(t.shape), "F16")
                for k, t in model.state_dict().items()}
-    cfg = config_from_dict(LLAVA_15_7B)
-    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size) == (32, 4096, 11008, 32064)
-    assert cfg.stack("vision").num_layers == 23
+    cfg = config_from_dict(raw)
     family = family_for(cfg.architecture)
     index = family.source_index(lay_out(tensors, 5 << 30), cfg)
-    plan = make_plan(family, index, cfg, TargetLayout(tp=4, pp=4, ckpt_format="torch"), 16)
+    return tensors, cfg, index, make_plan(family, index, cfg, TargetLayout(tp=4, pp=4, ckpt_format="torch"), 16)
+
+
+def test_llava_15_7b_plan():
+    """The published 7B config (transformers' defaults fill the rest) over 16 simulated ranks at TP4 PP4: tensor
+    names and shapes from transformers' own model on the meta device under the hub's names; 23 CLIP layers on
+    the first stage; every byte LLaVA uses read exactly once, the unused CLIP layer and post_layernorm never."""
+    tensors, cfg, index, plan = _planned_from_meta(LLAVA_15_7B)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.ffn_hidden_size, cfg.vocab_size) == (32, 4096, 11008, 32064)
+    assert cfg.stack("vision").num_layers == 23
     unused = [n for n in tensors if n.startswith(("vision_tower.vision_model.encoder.layers.23.",
                                                   "vision_tower.vision_model.post_layernorm."))]
     assert len(unused) == 18 and not any(n.replace("vision_model.", "", 1) in index for n in unused)
@@ -303,30 +309,14 @@ def test_siglip_so400m_plan():
     """A LLaVA with SigLIP so400m at 384 px (27 layers of 1152, 729 patches; hub names `vision_tower.vision_model.`)
     over 16 simulated ranks at TP4 PP4: names and shapes from transformers' own model on the meta device; all 27
     layers, conv1 bias and ln_post on the first stage; every byte used read once, the pooling head never."""
-    import transformers
-
-    from dist_reshard.families import family_for
-    from dist_reshard.hf_config import config_from_dict
-    from synthetic import lay_out
-
     raw = dict(LLAVA_15_7B, vision_feature_layer=-1, vision_feature_select_strategy="full", image_seq_length=729,
                vision_config=dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
                                   num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14,
                                   tie_last_hidden_states=True))
-    config = transformers.LlavaConfig(**{k: v for k, v in raw.items() if k != "architectures"})
-    with torch.device("meta"):
-        model = transformers.LlavaForConditionalGeneration(config)
-    hub = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-           "model.vision_tower.": "vision_tower.vision_model.", "model.multi_modal_projector.": "multi_modal_projector."}
-    tensors = {next(new + k[len(old):] for old, new in hub.items() if k.startswith(old)): (tuple(t.shape), "F16")
-               for k, t in model.state_dict().items()}
-    cfg = config_from_dict(raw)
-    family = family_for(cfg.architecture)
-    index = family.source_index(lay_out(tensors, 5 << 30), cfg)
+    tensors, cfg, index, plan = _planned_from_meta(raw)
     head = [n for n in tensors if n.startswith("vision_tower.vision_model.head.")]
     assert head and not any(n.replace("vision_model.", "", 1) in index for n in head)
     assert len(index) == len(tensors) - len(head)
-    plan = make_plan(family, index, cfg, TargetLayout(tp=4, pp=4, ckpt_format="torch"), 16)
     read = {}
     for item in plan.items:
         read[item.source] = read.get(item.source, 0) + item.nbytes

@@ -18,7 +18,8 @@ from reference_llava import llava_legacy_files
 
 # Tensors of the tower LLaVA never reads: CLIP (vision_feature_layer -2): the last of 3 layers and post_layernorm;
 # SigLIP (the post-normed last layer): its attention-pooling head.
-UNUSED = {"hf": ("vision_tower.encoder.layers.2.", "vision_tower.post_layernorm."), "hf_siglip": ("vision_tower.head.",)}
+UNUSED = {"hf": ("vision_tower.encoder.layers.2.", "vision_tower.post_layernorm."),
+          "hf_siglip": ("vision_tower.head.",)}
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +80,11 @@ def converted(llava, tmp_path_factory):
     cases += [dict(src="mcore", dst="hf", load=str(out / f"{src}_{fmt}"), save=str(out / f"back_{src}_{fmt}"))
               for src in ("hf", "hf_siglip") for fmt in ("torch", "torch_dist")]
     # Megatron -> Megatron in another layout (TP2 legacy -> PP2 torch_dist), then back to HF.
-    cases += [dict(src="mcore", load=str(out / "hf_torch"), save=str(out / "resharded"), format="torch_dist", tp=1,
-                   pp=2, impl="local"),
-              dict(src="mcore", dst="hf", load=str(out / "resharded"), save=str(out / "back_hf_resharded"))]
+    for src in ("hf", "hf_siglip"):
+        cases += [dict(src="mcore", load=str(out / f"{src}_torch"), save=str(out / f"{src}_resharded"),
+                       format="torch_dist", tp=1, pp=2, impl="local"),
+                  dict(src="mcore", dst="hf", load=str(out / f"{src}_resharded"),
+                       save=str(out / f"back_{src}_resharded"))]
     run_cases(2, cases, out)
     return out
 
@@ -113,7 +116,8 @@ def test_bit_exact_tp2(llava, converted, src, pp):
 
 
 @pytest.mark.parametrize("src, fmt", [("hf", "torch"), ("hf", "torch_dist"), ("hf", "resharded"),
-                                      ("hf_siglip", "torch"), ("hf_siglip", "torch_dist")])
+                                      ("hf_siglip", "torch"), ("hf_siglip", "torch_dist"),
+                                      ("hf_siglip", "resharded")])
 def test_round_trip_reproduces_source(llava, converted, src, fmt):
     """HF -> Megatron -> HF: every tensor LLaVA uses comes back bit for bit, under save_pretrained's names,
     with the source config; the unused tower tensors are the only ones left out."""

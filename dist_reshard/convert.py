@@ -28,6 +28,7 @@ from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import DTYPE_SIZES
 from .writers import hf, legacy, torch_dist
+from .writers.splice import Splice
 from .decode import decode
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES
 
@@ -58,7 +59,7 @@ class Options:
 class RankReport:
     rank: int
     bytes_read: int = 0
-    bytes_read_in_place: int = 0  # of bytes_read: read straight into the output tensors (no buffer, no copy)
+    bytes_read_in_place: int = 0  # of bytes_read: never in a read buffer (copied file to file, or read into the output)
     bytes_planned: int = 0
     bytes_written: int = 0
     bytes_sent: int = 0
@@ -152,9 +153,9 @@ def _block(data: dict[int, torch.Tensor], t, items, source_dtype: dict[str, str]
 
 
 def _direct_reads(view: RankPlan, items, targets: dict[int, Target], index: dict) -> dict[int, object]:
-    """Read items this rank can read straight into their one target's memory (item index -> transfer):
-    the item goes nowhere else, needs no decoding or cast, and fills whole rows of its target, so its bytes
-    land in place and skip the read buffer and the local copy."""
+    """Read items whose bytes pass through unchanged (item index -> transfer): the item goes nowhere else,
+    needs no decoding or cast, and fills whole rows of its one target, so the writer can copy it from the
+    source file into the output file (`_splices`), skipping the read buffer, the local copy and memory."""
     fanout: dict[int, int] = defaultdict(int)
     for sends in view.sends:
         for ts in sends.values():
@@ -171,8 +172,18 @@ def _direct_reads(view: RankPlan, items, targets: dict[int, Target], index: dict
     return direct
 
 
+def _splices(direct: dict, items, tensors: dict[int, torch.Tensor], targets: dict[int, Target]) -> dict[int, list]:
+    """Per write unit, the direct items as file-to-file copies into its tensors' memory ranges."""
+    out: dict[int, list] = defaultdict(list)
+    for i, t in direct.items():
+        item = items[i]
+        view = _direct_view(t, tensors, targets)
+        out[targets[t.target].unit].append(Splice(view.data_ptr(), item.nbytes, item.file, item.offset))
+    return dict(out)
+
+
 def _direct_view(t, tensors: dict[int, torch.Tensor], targets: dict[int, Target]) -> torch.Tensor:
-    """The flat uint8 bytes of the target rows a direct read fills."""
+    """The flat uint8 bytes of the target rows a direct item fills."""
     rows = t.rows[1] - t.rows[0]
     dst = tensors[t.target].view(targets[t.target].rows, -1)[t.dst_row:t.dst_row + rows]
     return dst.view(-1).view(torch.uint8)
@@ -477,6 +488,10 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     targets = {t.index: t for t in view.targets}
     tensors = _allocate(view.targets)
     direct = _direct_reads(view, plan.items, targets, index)
+    # The writers copy direct items from the source file themselves, in the kernel (writers/splice.py).
+    splices = _splices(direct, plan.items, tensors, targets)
+    spliced: list[int] = []  # bytes each finished file copied from the source (list.append is thread-safe)
+    passed_through = [0]  # direct items' bytes the reader thread has handed to the writers so far
     reader = RangeReader()
     bar = _progress_bar(opts, plan) if me == 0 else None
     hf_out = opts.layout.ckpt_format == "hf"
@@ -490,11 +505,14 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         def write_unit(unit, containers) -> None:
             digest: dict = {}  # hashed while the file streams out: not read back
             path = os.path.join(staging, unit.path)
+            mine = splices.get(unit.index, ())
             if hf_out:
-                digest.update(hf.write_file(path, [(k, DTYPE_NAMES[v.dtype], v) for k, v in containers[None].items()]))
+                digest.update(hf.write_file(path, [(k, DTYPE_NAMES[v.dtype], v) for k, v in containers[None].items()],
+                                            splices=mine))
             else:
                 legacy.write_file(path, containers, args, digest=digest,
-                                  legacy_gpt=getattr(opts.layout, "legacy_gpt", False))
+                                  legacy_gpt=getattr(opts.layout, "legacy_gpt", False), splices=mine)
+            spliced.append(sum(sp.nbytes for sp in mine))
             written.append(manifest.record_done(staging, unit.path, key, digest=digest))
             faults.maybe_fail(me, "write")
 
@@ -512,14 +530,13 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         try:
             faults.maybe_fail(me, "read")
             for item in view.reads[b]:
-                t = direct.get(item.index)
-                if t is not None:
-                    reader.read(item, out=_direct_view(t, tensors, targets))
+                if item.index in direct:  # copied by the writers (splices); counted as done for progress
+                    passed_through[0] += item.nbytes
                 else:
                     data[item.index] = decode(item, reader.read(item), index)
         except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
             err = e
-        return data, err, reader.bytes_read, time.perf_counter() - start
+        return data, err, reader.bytes_read + passed_through[0], time.perf_counter() - start
 
     phase("allocate")
     try:
@@ -584,11 +601,14 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             else:
                 records += written
                 report.bytes_written += sum(r["size"] for r in written)
+                report.bytes_read += sum(spliced)  # the copies read the source in the kernel
     except Exception as e:  # noqa: BLE001 - every write failure is agreed on and reported by its cause
         err = _write_error(opts, e)
     if opts.layout.ckpt_format == "torch_dist" and not done:
         try:
-            torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key)
+            torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key,
+                            splices=[sp for unit in splices.values() for sp in unit])
+            report.bytes_read += sum(sp.nbytes for unit in splices.values() for sp in unit)
             mine = [f for f in _dcp_files(plan.world) if os.path.basename(f).startswith(f"__{me}_")
                     or (me == 0 and not os.path.basename(f).startswith("__"))]
             for rel in mine:

@@ -29,11 +29,9 @@ class RangeReader:
             self._fds[path] = fd
         return fd
 
-    def read(self, item: ReadItem, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The item's bytes (each of its ranges, one after the other) as a flat uint8 tensor: `out` (a
-        contiguous uint8 tensor of item.nbytes) when given, else a new buffer."""
-        # Uninitialised is fine: preadv fills every byte or we raise.
-        buf = torch.empty(item.nbytes, dtype=torch.uint8) if out is None else out
+    def read(self, item: ReadItem) -> torch.Tensor:
+        """The item's bytes (each of its ranges, one after the other) as a flat uint8 tensor."""
+        buf = torch.empty(item.nbytes, dtype=torch.uint8)  # uninitialised: preadv fills every byte or we raise
         view = memoryview(buf.numpy())
         pos = 0
         for path, offset, nbytes in item.ranges:

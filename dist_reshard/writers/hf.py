@@ -14,6 +14,7 @@ import torch
 
 from ..manifest import FILE_HASH, new_file_hasher
 from ..safetensors_index import DTYPE_SIZES
+from .splice import SplicingFile, check_all_spliced
 
 # Files a reference HF folder contributes with --hf-config (besides config.json).
 REFERENCE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -32,23 +33,25 @@ def _header(entries: list[tuple[str, str, tuple]]) -> bytes:
     return raw + b" " * (-len(raw) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
 
 
-def write_file(path: str, tensors: list[tuple[str, str, torch.Tensor]]) -> dict:
-    """Write one safetensors file from (name, dtype, tensor); returns {size, <file hash>}, after fsync."""
+def write_file(path: str, tensors: list[tuple[str, str, torch.Tensor]], splices=()) -> dict:
+    """Write one safetensors file from (name, dtype, tensor), after fsync. Returns {size, <file hash>}, or
+    {} when some bytes were copied from their source without passing through memory (`splices`): the
+    caller then hashes the file."""
     raw = _header([(n, d, tuple(t.shape)) for n, d, t in tensors])
-    digest = new_file_hasher()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as f:
-        for chunk in (len(raw).to_bytes(8, "little"), raw):
-            f.write(chunk)
-            digest.update(chunk)
-        for _, _, t in tensors:
-            data = memoryview(t.contiguous().view(torch.uint8).numpy()).cast("B")
-            f.write(data)
-            digest.update(data)
-        f.flush()
+    with open(path, "wb", buffering=0) as f:
+        out = SplicingFile(f, splices, new_file_hasher())
+        try:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            for _, _, t in tensors:
+                assert t.is_contiguous()  # a copy would lose the addresses the splices name
+                out.write(memoryview(t.view(torch.uint8).numpy()).cast("B"))
+        finally:
+            out.close_sources()
+        check_all_spliced(path, splices, out.spliced)
         os.fsync(f.fileno())
-        size = f.tell()
-    return {"size": size, FILE_HASH: digest.hexdigest()}
+    return {"size": out.size, FILE_HASH: out.hasher.hexdigest()} if out.hasher is not None else {}
 
 
 def write_index(folder: str, weight_map: dict[str, str], total_size: int) -> None:

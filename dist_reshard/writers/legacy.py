@@ -12,38 +12,17 @@ import torch
 from ..legacy_gpt import to_legacy
 from ..manifest import FILE_HASH, new_file_hasher
 from .extra_state import linear_modules
+from .splice import SplicingFile, check_all_spliced
 
 CHECKPOINT_VERSION = 3.0  # Megatron's current version; below 2.0 it reorders QKV on load
 
 
-class _HashingWriter:
-    """The file object torch.save streams into: every byte written also goes into a SHA-256, so the
-    finished file need not be read back to be hashed. torch.save needs only write() and flush()."""
-
-    def __init__(self, f) -> None:
-        self._f = f
-        self.hasher = new_file_hasher()
-        self.size = 0
-        self.exact = True  # False if a write came back short: the digest is then not trusted
-
-    def write(self, b) -> int:
-        n = self._f.write(b)
-        mv = memoryview(b).cast("B")
-        if n is not None and n != mv.nbytes:
-            self.exact = False
-        self.hasher.update(mv)
-        self.size += mv.nbytes
-        return n
-
-    def flush(self) -> None:
-        self._f.flush()
-
-
-def _skip_zip_crc() -> None:
+def skip_zip_crc() -> None:
     """torch.save's zip writer computes a CRC-32 per record at ~250 MB/s, which made it the slowest
     stage of a conversion (4x the time of the write itself). torch.load never checks it, and each file's
     content hash in the manifest covers integrity, so it is switched off (torch >= 2.6; the records' CRC
-    fields are then zero, which only `unzip -t`-style tools notice)."""
+    fields are then zero, which only `unzip -t`-style tools notice). Splicing needs it too: a CRC would be
+    computed over the output tensors' memory, which holds none of the spliced bytes (writers/splice.py)."""
     try:
         from torch.utils.serialization import config
     except ImportError:  # older torch: keep its default
@@ -52,11 +31,11 @@ def _skip_zip_crc() -> None:
 
 
 def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: Namespace,
-               digest: dict | None = None, legacy_gpt: bool = False) -> int:
+               digest: dict | None = None, legacy_gpt: bool = False, splices=()) -> int:
     """Write one rank file; returns its size. The file is fsynced before the size is reported.
 
     With `digest` (a dict), it is filled with the file's {"size", <file hash>}, hashed as the bytes were
-    written (left empty if the streamed bytes cannot be trusted to be the file's: the caller hashes it).
+    written (left empty when some bytes never passed through memory, `splices`: the caller hashes the file).
     `legacy_gpt`: the containers go in under pre-Megatron-Core names, without `_extra_state` entries (a
     Megatron-LM older than them would refuse them; newer ones default them on load)."""
     state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": args.iteration}
@@ -69,9 +48,9 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
             model[f"{module}._extra_state"] = None
         state[name] = model
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    _skip_zip_crc()
-    with open(path, "wb") as f:
-        out = _HashingWriter(f)
+    skip_zip_crc()
+    with open(path, "wb", buffering=0) as f:
+        out = SplicingFile(f, splices, new_file_hasher())
         try:
             torch.save(state, out)
         except RuntimeError as e:
@@ -79,10 +58,12 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
             if shutil.disk_usage(os.path.dirname(path)).free < (1 << 20):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
             raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0]}", path) from e
-        f.flush()
+        finally:
+            out.close_sources()
+        check_all_spliced(path, splices, out.spliced)
         os.fsync(f.fileno())
     size = os.path.getsize(path)
-    if digest is not None and out.exact and out.size == size:
+    if digest is not None and out.hasher is not None and out.size == size:
         digest.update({"size": size, FILE_HASH: out.hasher.hexdigest()})
     return size
 

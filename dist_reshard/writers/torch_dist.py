@@ -14,11 +14,14 @@ import os
 import warnings
 from argparse import Namespace
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 
 from ..rank_plan import Plan, Target
 from .extra_state import linear_modules
+from .legacy import skip_zip_crc
+from .splice import SplicingFile, check_all_spliced
 from ..dtypes import TORCH_DTYPES as _TORCH_DTYPES
 
 
@@ -59,8 +62,9 @@ def _planner_class():
     return PreSerializedPlanner
 
 
-def _writer(folder: str, save_id: str):
+def _writer(folder: str, save_id: str, splices=()):
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import FileSystem
     from torch.distributed.checkpoint.metadata import StorageMeta
 
     class DeterministicWriter(dcp.FileSystemWriter):
@@ -70,15 +74,38 @@ def _writer(folder: str, save_id: str):
         def storage_meta(self):
             return StorageMeta(checkpoint_id=None, save_id=save_id)
 
-    return DeterministicWriter(folder, sync_files=True)
+    class SplicingFileSystem(FileSystem):
+        """DCP torch.saves each chunk into the stream it gets from here: pass-through bytes are copied
+        from the source file in the kernel (writers/splice.py)."""
+
+        spliced = 0
+
+        @contextmanager
+        def create_stream(self, path, mode):
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            out = SplicingFile(open(path, "wb", buffering=0), splices)
+            try:
+                yield out
+            finally:
+                out.close()
+                self.spliced += out.spliced
+
+    writer = DeterministicWriter(folder, sync_files=True)
+    writer.fs = SplicingFileSystem()
+    return writer
 
 
 def _PreSerializedPlanner():
     return _planner_class()()
 
 
-def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], common: dict, save_id: str) -> None:
-    """Collective: every rank calls it with the tensors of its own targets (by target index)."""
+def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], common: dict, save_id: str,
+         splices=()) -> None:
+    """Collective: every rank calls it with the tensors of its own targets (by target index); `splices`
+    name the bytes of those tensors to copy from the source files rather than from memory."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed._shard.metadata import ShardMetadata
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
@@ -108,7 +135,10 @@ def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], c
     with warnings.catch_warnings():
         # ShardedTensor is deprecated in favour of DTensor, whose even grid cannot express our chunks.
         warnings.filterwarnings("ignore", category=FutureWarning)
-        dcp.save(state, storage_writer=_writer(folder, save_id), planner=_PreSerializedPlanner())
+        writer = _writer(folder, save_id, splices)
+        skip_zip_crc()  # DCP torch.saves every chunk
+        dcp.save(state, storage_writer=writer, planner=_PreSerializedPlanner())
+    check_all_spliced(folder, splices, writer.fs.spliced)
     if rank == 0:
         torch.save(common, os.path.join(folder, "common.pt"))
         with open(os.path.join(folder, "metadata.json"), "w") as f:

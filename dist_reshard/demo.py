@@ -60,7 +60,7 @@ def check(hf_dir: str, save: str, tp: int, pp: int, fmt: str) -> None:
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         with torch.no_grad():
             expected = hf(tokens).logits.float()
-        rel = ((logits - expected).abs().max() / expected.abs().max()).item()
+        rel = mcore_cpu.relative_difference(logits, expected)
         ok = rel <= TOLERANCE
         print(f"logits check: Megatron-Core (TP{tp} PP{pp}, {fmt}) vs HF: max relative difference "
               f"{rel:.2e} (tolerance {TOLERANCE:.0e}) -> {'OK' if ok else 'MISMATCH'}", flush=True)

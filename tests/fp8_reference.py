@@ -8,7 +8,9 @@ import math
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from conftest import load_hf_state  # imported lazily by conftest's fixtures, so conftest is loaded by then
 
 FP8_MAX = 448.0  # largest float8_e4m3fn
 NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", "mlp.gate.")  # as in DeepSeek-V3's release
@@ -41,14 +43,6 @@ def dequantize(q: torch.Tensor, s: torch.Tensor, block: tuple[int, int]) -> torc
     return out
 
 
-def _state(folder: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(os.listdir(folder)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(folder, f)))
-    return out
-
-
 def _write(folder: str, state: dict[str, torch.Tensor], config: dict) -> None:
     """Two shard files and an index, as a published checkpoint has them."""
     os.makedirs(folder, exist_ok=True)
@@ -70,7 +64,7 @@ def make_fp8_pair(bf16_folder: str, fp8_folder: str, dequantized_folder: str, bl
     with open(os.path.join(bf16_folder, "config.json")) as f:
         config = json.load(f)
     fp8, plain = {}, {}
-    for name, t in _state(bf16_folder).items():
+    for name, t in load_hf_state(bf16_folder).items():
         if quantized(name, t):
             q, s = quantize(t, block)
             fp8[name], fp8[name + "_scale_inv"] = q, s

@@ -20,7 +20,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mamba_cpu import build_mamba_model
 
-    from dist_reshard import collectives, mcore_cpu
+    from dist_reshard import mcore_cpu
     from dist_reshard.convert import Options, run
     from dist_reshard.layout import TargetLayout
     from dist_reshard.mapping import padded_vocab_size
@@ -68,15 +68,10 @@ if __name__ == "__main__":
             hf = AutoModelForCausalLM.from_pretrained(case["hf"], dtype=torch.float32).eval()
             with torch.no_grad():
                 expected = hf(tokens).logits.float()
-            rel = ((logits - expected).abs().max() / expected.abs().max()).item()
+            rel = mcore_cpu.relative_difference(logits, expected)
         entry = dict(case, rank=dist.get_rank(), keys=sorted(loaded), differ=differ, rel_diff=rel)
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, entry)
         results.extend(gathered)
         dist.barrier()
-    if dist.get_rank() == 0:
-        with open(sys.argv[2], "w") as f:
-            json.dump(results, f)
-    collectives.shutdown()
-    sys.stdout.flush()
-    os._exit(0)
+    mcore_cpu.write_results_and_exit(results, sys.argv[2])

@@ -15,6 +15,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mamba_cpu import build_mamba_model
 
+    from dist_reshard import mcore_cpu
     from dist_reshard.mapping import padded_vocab_size
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
@@ -40,7 +41,7 @@ if __name__ == "__main__":
         logits = model(tokens, positions, None)[..., :args.true_vocab_size].float()
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).cuda().eval()
         expected = hf(tokens).logits.float()
-    rel = ((logits - expected).abs().max() / expected.abs().max()).item()
+    rel = mcore_cpu.relative_difference(logits, expected)
     with open(out, "w") as f:
         json.dump(dict(rel_diff=rel), f)
     dist.destroy_process_group()

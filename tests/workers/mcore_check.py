@@ -17,7 +17,7 @@ if __name__ == "__main__":
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from dist_reshard import collectives, mcore_cpu
+    from dist_reshard import mcore_cpu
     from dist_reshard.convert import Options, run
     from dist_reshard.layout import TargetLayout
     from dist_reshard.mapping import padded_vocab_size
@@ -63,12 +63,7 @@ if __name__ == "__main__":
             hf = AutoModelForCausalLM.from_pretrained(case.get("hf", case["load"]), dtype=torch.float32).eval()
             with torch.no_grad():
                 expected = hf(tokens).logits.float()
-            rel = ((logits - expected).abs().max() / expected.abs().max()).item()
+            rel = mcore_cpu.relative_difference(logits, expected)
             results.append(dict(case, rel_diff=rel))
         dist.barrier()
-    if dist.get_rank() == 0:
-        with open(sys.argv[2], "w") as f:
-            json.dump(results, f)
-    collectives.shutdown()
-    sys.stdout.flush()
-    os._exit(0)
+    mcore_cpu.write_results_and_exit(results, sys.argv[2])

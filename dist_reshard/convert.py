@@ -606,9 +606,10 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         err = _write_error(opts, e)
     if opts.layout.ckpt_format == "torch_dist" and not done:
         try:
+            everything_spliced = [sp for unit in splices.values() for sp in unit]  # one DCP file per rank
             torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key,
-                            splices=[sp for unit in splices.values() for sp in unit])
-            report.bytes_read += sum(sp.nbytes for unit in splices.values() for sp in unit)
+                            splices=everything_spliced)
+            report.bytes_read += sum(sp.nbytes for sp in everything_spliced)
             mine = [f for f in _dcp_files(plan.world) if os.path.basename(f).startswith(f"__{me}_")
                     or (me == 0 and not os.path.basename(f).startswith("__"))]
             for rel in mine:

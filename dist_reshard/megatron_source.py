@@ -204,22 +204,25 @@ def _config_from_args(args: Namespace) -> ModelConfig:
                 "Qwen2ForCausalLM" if getattr(args, "add_qkv_bias", False) else "LlamaForCausalLM")
     heads = args.num_attention_heads
     experts = getattr(args, "num_experts", None) or 0
-    moe = {}
+    layer_fields = {}  # what the layers hold beyond a dense GPT's: experts, or a hybrid's mamba mixers
     if experts:
         freq = getattr(args, "moe_layer_freq", 1)
-        pattern = [bool(x) for x in freq] if isinstance(freq, list) else [i % freq == 0 for i in range(args.num_layers)]
-        moe = dict(num_experts=experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size, moe_topk=args.moe_router_topk,
-                   shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
-                   norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False), moe_layers=tuple(pattern))
-    pattern = getattr(args, "hybrid_override_pattern", None)
+        moe_layers = [bool(x) for x in freq] if isinstance(freq, list) else [i % freq == 0
+                                                                             for i in range(args.num_layers)]
+        layer_fields = dict(num_experts=experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
+                            moe_topk=args.moe_router_topk,
+                            shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
+                            norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False),
+                            moe_layers=tuple(moe_layers))
     if pattern:  # a MambaModel: Nemotron-H if it has attention or MLP layers, else Mamba-2
         arch = getattr(args, "hf_architecture", None) or (
             "Mamba2ForCausalLM" if set(pattern) == {"M"} else "NemotronHForCausalLM")
-        moe = dict(layer_kinds=tuple(pattern), mamba_state_dim=args.mamba_state_dim,
-                   mamba_head_dim=args.mamba_head_dim, mamba_num_groups=args.mamba_num_groups,
-                   mamba_num_heads=getattr(args, "mamba_num_heads", None) or 2 * args.hidden_size // args.mamba_head_dim,
-                   mamba_conv_kernel=getattr(args, "mamba_conv_kernel", None) or 4,
-                   squared_relu=bool(getattr(args, "squared_relu", False)))
+        layer_fields = dict(
+            layer_kinds=tuple(pattern), mamba_state_dim=args.mamba_state_dim, mamba_head_dim=args.mamba_head_dim,
+            mamba_num_groups=args.mamba_num_groups,
+            mamba_num_heads=getattr(args, "mamba_num_heads", None) or 2 * args.hidden_size // args.mamba_head_dim,
+            mamba_conv_kernel=getattr(args, "mamba_conv_kernel", None) or 4,
+            squared_relu=bool(getattr(args, "squared_relu", False)))
     return ModelConfig(
         architecture=arch, model_type=getattr(args, "hf_model_type", ""), num_layers=args.num_layers,
         hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=heads,
@@ -232,7 +235,7 @@ def _config_from_args(args: Namespace) -> ModelConfig:
         norm_epsilon=getattr(args, "norm_epsilon", 1e-6), rope_theta=getattr(args, "rotary_base", 10000.0),
         rope_scaling=getattr(args, "hf_rope_scaling", None),
         tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", True),
-        attention_bias=getattr(args, "add_qkv_bias", False), dtype=None, sliding_window=None, raw={}, **moe)
+        attention_bias=getattr(args, "add_qkv_bias", False), dtype=None, sliding_window=None, raw={}, **layer_fields)
 
 
 def config_from_args(args: Namespace, where: str) -> ModelConfig:

@@ -13,13 +13,12 @@ import resource
 import shutil
 import threading
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__, collectives, faults, manifest
+from . import __version__, collectives, faults, manifest, pass_through
 from .errors import ConversionError
 from .hf_source import mtp_tensors, open_hf_folder
 from .layout import DTYPE_FLAGS, TargetLayout
@@ -28,7 +27,6 @@ from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import DTYPE_SIZES
 from .writers import hf, legacy, torch_dist
-from .writers.splice import Splice
 from .decode import decode
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES
 
@@ -150,43 +148,6 @@ def _block(data: dict[int, torch.Tensor], t, items, source_dtype: dict[str, str]
         itemsize = DTYPE_SIZES[source_dtype[item.source]]
         block = block[:, t.cols[0] * itemsize:t.cols[1] * itemsize]
     return block
-
-
-def _direct_reads(view: RankPlan, items, targets: dict[int, Target], index: dict) -> dict[int, object]:
-    """Read items whose bytes pass through unchanged (item index -> transfer): the item goes nowhere else,
-    needs no decoding or cast, and fills whole rows of its one target, so the writer can copy it from the
-    source file into the output file (`_splices`), skipping the read buffer, the local copy and memory."""
-    fanout: dict[int, int] = defaultdict(int)
-    for sends in view.sends:
-        for ts in sends.values():
-            for t in ts:
-                fanout[t.item] += 1
-    direct = {}
-    for sends in view.sends:
-        for t in sends.get(view.rank, ()):
-            item, target = items[t.item], targets[t.target]
-            if (fanout[t.item] == 1 and item.encoding is None and t.cols is None and t.dst_col == 0
-                    and t.rows == item.rows and target.dtype == index[item.source].dtype
-                    and target.nbytes // target.rows == index[item.source].row_bytes):
-                direct[t.item] = t
-    return direct
-
-
-def _splices(direct: dict, items, tensors: dict[int, torch.Tensor], targets: dict[int, Target]) -> dict[int, list]:
-    """Per write unit, the direct items as file-to-file copies into its tensors' memory ranges."""
-    out: dict[int, list] = defaultdict(list)
-    for i, t in direct.items():
-        item = items[i]
-        view = _direct_view(t, tensors, targets)
-        out[targets[t.target].unit].append(Splice(view.data_ptr(), item.nbytes, item.file, item.offset))
-    return dict(out)
-
-
-def _direct_view(t, tensors: dict[int, torch.Tensor], targets: dict[int, Target]) -> torch.Tensor:
-    """The flat uint8 bytes of the target rows a direct item fills."""
-    rows = t.rows[1] - t.rows[0]
-    dst = tensors[t.target].view(targets[t.target].rows, -1)[t.dst_row:t.dst_row + rows]
-    return dst.view(-1).view(torch.uint8)
 
 
 def _copy_local(data: dict[int, torch.Tensor], transfers, tensors: dict[int, torch.Tensor],
@@ -487,9 +448,9 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
     tensors = _allocate(view.targets)
-    direct = _direct_reads(view, plan.items, targets, index)
+    direct = pass_through.direct_reads(view, plan.items, targets, index)
     # The writers copy direct items from the source file themselves, in the kernel (writers/splice.py).
-    splices = _splices(direct, plan.items, tensors, targets)
+    splices = pass_through.splices(direct, plan.items, tensors, targets, index)
     spliced: list[int] = []  # bytes each finished file copied from the source (list.append is thread-safe)
     passed_through = [0]  # direct items' bytes the reader thread has handed to the writers so far
     reader = RangeReader()

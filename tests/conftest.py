@@ -48,6 +48,12 @@ def hf_models(tmp_path_factory):
     folder = str(root / "llama3_bf16")
     save_model(build_model("llama3", seed=5, dtype="bfloat16"), folder)
     out["llama3_bf16"] = folder
+    # Rows wide enough for a row-parallel shard's block of each row (1 KiB at TP2 in float32) to be copied
+    # file to file row by row (dist_reshard/pass_through.py); the tiny models' blocks are below that.
+    folder = str(root / "llama3_wide")
+    save_model(build_model("llama3", seed=13, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                           vocab_size=256), folder, max_shard_size="2MB")
+    out["llama3_wide"] = folder
     # DeepSeek-V3 as published: bf16 weights block-quantized to FP8 (16 x 16 blocks here, so tensors span
     # several blocks and partial ones), beside the bf16 tensors the FP8 ones decode to.
     from fp8_reference import make_fp8_pair

@@ -43,6 +43,12 @@ def converted(hf_models, tmp_path_factory):
                    dict(name="nan-inf-torch", load=hf_models["llama3_nan"], format="torch", tp=2, pp=2),
                    dict(name="nan-inf-torch_dist", load=hf_models["llama3_nan"], format="torch_dist", tp=2, pp=2,
                         whole_chunk_bytes=0)]  # one chunk per TP rank, as Megatron writes them
+    wide = [dict(name="wide-torch", load=hf_models["llama3_wide"], format="torch", tp=2, pp=2),
+            dict(name="wide-torch_dist", load=hf_models["llama3_wide"], format="torch_dist", tp=2, pp=1,
+                 whole_chunk_bytes=0),
+            dict(name="wide-torch-hf", src="mcore", dst="hf", load=os.path.join(root, "wide-torch"),
+                 max_shard_size="2MB")]
+    dtype_cases += wide
     for c in dtype_cases:
         c.update(save=os.path.join(root, c["name"]), impl="transformer_engine")
     by_world = {2: _cases(hf_models, root, 2, VARIANTS) + _cases(hf_models, root, 2, ("llama3",), ("local",))
@@ -164,6 +170,29 @@ def test_each_source_byte_read_once(converted, name):
 def test_dtypes(converted, name, tmp_path):
     case = converted[name]
     check_legacy(case) if case["format"] == "torch" else check_torch_dist(case, tmp_path)
+
+
+def test_row_blocks_pass_through(converted, tmp_path):
+    """Row-parallel shards' row blocks are copied file to file, one splice per row: at N=2, TP2 x PP2 (each
+    rank writes both TP files of its stage) every byte but the norms, which both TP files want (read once,
+    copied in memory); all of them when the rows are put back together (Megatron -> HF, where each block
+    lands mid-row). The files are bit for bit the reference."""
+    import json
+
+    source = load_hf_state(converted["wide-torch"]["load"])
+    norms = sum(v.nbytes for k, v in source.items() if k.endswith("norm.weight"))
+    for name, copied_in_memory in (("wide-torch", norms), ("wide-torch-hf", 0)):
+        with open(converted[name]["save"] + ".report.json") as f:
+            job = json.load(f)
+        in_place = sum(r["bytes_read_in_place"] for r in job["ranks"])
+        assert in_place == job["source_bytes"] - copied_in_memory, name
+        assert job["read_amplification"] == 1.0
+    check_legacy(converted["wide-torch"])
+    check_torch_dist(converted["wide-torch_dist"], tmp_path)
+    back = load_hf_state(converted["wide-torch-hf"]["save"])
+    assert sorted(back) == sorted(source)
+    for k, v in source.items():
+        _assert_bitwise(back[k], v, k)
 
 
 def test_report_has_phases_rss_and_bytes(converted):

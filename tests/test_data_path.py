@@ -101,8 +101,11 @@ def test_one_rank_small_buckets_equals_two_ranks(hf_models, tmp_path, fmt):
              "--quiet", "--report", str(tmp_path / "report.json"), timeout=120)
     with open(tmp_path / "report.json") as f:
         rank = json.load(f)["ranks"][0]
-    # One rank is every item's only destination: whole-row items go straight into the output tensors.
-    assert 0 < rank["bytes_read_in_place"] < rank["bytes_read"]
+    # One rank is every item's only destination: its bytes are copied file to file, except, in TP2 rank
+    # files, the tiny model's row-parallel row blocks (128 bytes: below pass_through.MIN_ROW_BLOCK_BYTES).
+    # torch_dist writes these small tensors whole (--whole-chunk-mb), so there every byte passes through.
+    in_place = rank["bytes_read_in_place"]
+    assert (0 < in_place < rank["bytes_read"]) if fmt == "torch" else in_place == rank["bytes_read"]
     torchrun(2, *CONVERT, "--load", load, "--save", str(two), "--ckpt-format", fmt, "--quiet", timeout=120)
     if fmt == "torch":  # the same rank files, byte for byte (the manifest names the command)
         a, b = tree_hashes(one), tree_hashes(two)

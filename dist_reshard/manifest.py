@@ -31,19 +31,16 @@ _CHUNK = 64 << 20
 
 
 def file_digest(path: str) -> dict:
-    """Size and content hash of a file, hashed from a read-only mapping: no copy into Python buffers
-    (0.14 s against 0.21 s with 8 MiB reads for a 0.96 GB file in the page cache)."""
+    """Size and content hash of a file, hashed through read-only mappings of one window at a time: no copy
+    into Python buffers (a 0.96 GB file in the page cache: 0.18-0.19 s, against 0.25 s reading it into a
+    reused buffer), and one window's pages mapped at a time, so they do not add up in the process's
+    resident memory (a whole-file mapping counts every page hashed)."""
     h = new_file_hasher()
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size:
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    for at in range(0, size, _CHUNK):
-                        h.update(view[at:at + _CHUNK])
-                finally:
-                    view.release()
+        for at in range(0, size, _CHUNK):
+            with mmap.mmap(f.fileno(), min(_CHUNK, size - at), offset=at, access=mmap.ACCESS_READ) as window:
+                h.update(window)
     return {"size": size, FILE_HASH: h.hexdigest()}
 
 

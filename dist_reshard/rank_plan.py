@@ -300,7 +300,8 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
     experts_per_rank = cfg.num_experts // layout.ep if cfg.num_experts else 0
     out: list[tuple[tuple, Target]] = []
 
-    def add_legacy(unit_key, container, key, rule, names, tp, tp_rank):
+    def add_legacy(unit_keys, container, key, rule, names, tp, tp_rank):
+        """One rank file's tensor, the same in every file of `unit_keys` (a dense shard's EP copies)."""
         shapes = [index[n].shape for n in names]
         blks = rule.blocks(impl, shapes, names, cfg, tp, tp_rank, padded_vocab)
         pieces, row = [], 0
@@ -308,8 +309,9 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
             pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
             row += b.shape[0]
         shape = (1,) * rule.unsqueeze + (row,) + blks[0].shape[1:]
-        out.append((unit_key, Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]], rule),
-                                     tuple(pieces), lead=rule.unsqueeze)))
+        target = Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]], rule), tuple(pieces),
+                        lead=rule.unsqueeze)
+        out.extend((unit_key, target) for unit_key in unit_keys)
 
     def add_dist(key, lead_offset, lead_shape, rule, names, tp):
         shapes = [index[n].shape for n in names]
@@ -349,14 +351,14 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
                 if e is None:
                     key = rule.name(impl).format(i=j)
                     for r in range(layout.tp):
-                        for ep_rank in range(layout.ep):
-                            add_legacy((r, p, ep_rank), container, key, rule, names, tp, r)
+                        add_legacy([(r, p, ep_rank) for ep_rank in range(layout.ep)], container, key, rule, names,
+                                   tp, r)
                 else:
                     ep_rank, local = divmod(e, experts_per_rank)
                     key = rule.name(impl, layout.moe_grouped_gemm).format(i=j, e=local)
                     for r in range(layout.tp):
                         # etp divides tp here (validated), so TP rank r holds expert-TP shard r % etp.
-                        add_legacy((r, p, ep_rank), container, key, rule, names, tp, r % tp)
+                        add_legacy([(r, p, ep_rank)], container, key, rule, names, tp, r % tp)
             else:
                 if i is None:
                     add_dist(rule.torch_dist_key(impl), (), (), rule, names, tp)
@@ -423,50 +425,59 @@ def read_item(index: int, src: SourceTensor, rows: tuple[int, int], reader: int)
 
 
 def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, SourceTensor], world: int,
-                max_item_bytes: int) -> tuple[list[ReadItem], list[Transfer]]:
+                max_item_bytes: int, max_sent_bytes: int) -> tuple[list[ReadItem], list[Transfer]]:
     uses: dict[str, list[tuple[Piece, Target]]] = defaultdict(list)
     for t in targets:
         for p in t.pieces:
             if p.source is not None:
                 uses[p.source].append((p, t))
 
+    writer_of_unit = {u.index: u.writer for u in units}
+
+    def consumers(src: SourceTensor, covering: list[tuple[Piece, Target]]):
+        """(piece, target, bytes per row, writer) of each consumer, and the rank that writes the most of
+        them (by bytes per row): computed once for all the runs a cut is split into."""
+        out, by_writer = [], defaultdict(int)
+        for p, t in covering:
+            width = _piece_bytes(src, p, (0, 1))
+            w = writer_of_unit[t.unit]
+            out.append((p, t, width, w))
+            by_writer[w] += width
+        return out, min(by_writer, key=lambda r: (-by_writer[r], r))
+
     # Cut each source into row runs at every piece boundary (and at the size cap); a run's consumers
     # are then whole, so each run is read once and fanned out.
-    runs: list[tuple[SourceTensor, tuple[int, int], list[tuple[Piece, Target]]]] = []
+    runs: list[tuple[SourceTensor, tuple[int, int], tuple]] = []
     for name in sorted(uses, key=lambda n: (index[n].file, index[n].offset)):
         src = index[name]
         pieces = uses[name]
         if src.encoding == "torch_save":  # a torch_dist chunk: one read of the whole blob
-            runs.append((src, (0, src.rows), pieces))
+            runs.append((src, (0, src.rows), consumers(src, pieces)))
             continue
         cuts = sorted({b for p, _ in pieces for b in p.rows})
         for lo, hi in zip(cuts, cuts[1:]):
             covering = [(p, t) for p, t in pieces if p.rows[0] <= lo and hi <= p.rows[1]]
             if not covering:
                 continue
+            group = consumers(src, covering)
             # A run sent to many files (dense weights duplicated across EP rank files) is cut finer, so
-            # that the reader's send buffers, not just its read, fit in a bucket: by the bytes each row
-            # really fans out to (a row-parallel piece carries only its columns).
-            sent_per_row = sum(_piece_bytes(src, p, (0, 1)) for p, _ in covering)
-            rows_cap = max(1, max_item_bytes // max(1, sent_per_row, src.row_bytes))
+            # that the reader's send buffers, not just its read, fit in a bucket beside the read: by the
+            # bytes each row really fans out to (a row-parallel piece carries only its columns).
+            sent_per_row = sum(c[2] for c in group[0])
+            rows_cap = max(1, min(max_item_bytes // max(1, src.row_bytes), max_sent_bytes // max(1, sent_per_row)))
             for a in range(lo, hi, rows_cap):
-                runs.append((src, (a, min(hi, a + rows_cap)), covering))
+                runs.append((src, (a, min(hi, a + rows_cap)), group))
 
     planned = [read_item(-1, src, rows, 0) for src, rows, _ in runs]
     total = sum(i.nbytes for i in planned)
     biggest = max((i.nbytes for i in planned), default=0)
     cap = total / world + biggest
-    writer_of_unit = {u.index: u.writer for u in units}
     load = [0] * world
     heap = [(0, r) for r in range(world)]
     items, transfers = [], []
-    for (src, rows, covering), item in zip(runs, planned):
+    for (src, rows, (group, pref)), item in zip(runs, planned):
         nbytes = item.nbytes
         # Locality first: the rank that writes most of this run reads it, unless that breaks balance.
-        by_writer: dict[int, int] = defaultdict(int)
-        for p, t in covering:
-            by_writer[writer_of_unit[t.unit]] += _piece_bytes(src, p, rows)
-        pref = min(by_writer, key=lambda r: (-by_writer[r], r))
         if load[pref] + nbytes <= cap:
             reader = pref
         else:
@@ -480,11 +491,13 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
         item = ReadItem(len(items), item.source, item.file, item.rows, item.offset, nbytes, reader, item.encoding,
                         item.aux)
         items.append(item)
-        for p, t in covering:
-            lo, hi = max(rows[0], p.rows[0]), min(rows[1], p.rows[1])
+        whole = src.encoding != "torch_save"  # a row run lies inside each consumer; a whole blob may not
+        n = rows[1] - rows[0]
+        for p, t, width, w in group:
+            lo, hi = rows if whole else (max(rows[0], p.rows[0]), min(rows[1], p.rows[1]))
             transfers.append(Transfer(len(transfers), item.index, t.index, (lo, hi), p.cols,
-                                      p.dst_row + lo - p.rows[0], _piece_bytes(src, p, (lo, hi)), reader,
-                                      writer_of_unit[t.unit], p.dst_col))
+                                      p.dst_row + lo - p.rows[0], (n if whole else hi - lo) * width, reader, w,
+                                      p.dst_col))
     return items, transfers
 
 
@@ -658,7 +671,10 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
         # Small enough that reads balance to a few percent of 1/N, large enough for efficient reads.
         needed = sum(index[n].nbytes for n in {p.source for t in targets for p in t.pieces if p.source})
         max_item_bytes = min(DEFAULT_MAX_ITEM_BYTES, max(1 << 20, needed // (16 * world)))
-    items, transfers = _plan_reads(targets, units, index, world, max_item_bytes)
+    # An item's sends may fill what a bucket leaves beside its read: fewer, larger transfers for runs fanned
+    # out to many files (the 671B legacy plan at TP8 x EP32: 4.8M transfers with sends capped at the item size).
+    max_sent_bytes = max(max_item_bytes, bucket_bytes - max_item_bytes)
+    items, transfers = _plan_reads(targets, units, index, world, max_item_bytes, max_sent_bytes)
     buckets = _plan_buckets(items, transfers, world, bucket_bytes)
     source_bytes = sum(i.nbytes for i in items)
     return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, transfers, buckets)

@@ -57,7 +57,7 @@ class Options:
 class RankReport:
     rank: int
     bytes_read: int = 0
-    bytes_read_in_place: int = 0  # of bytes_read: never in a read buffer (copied file to file, or read into the output)
+    bytes_read_in_place: int = 0  # of bytes_read: never in a read buffer (copied file to file by the writers)
     bytes_planned: int = 0
     bytes_written: int = 0
     bytes_sent: int = 0

@@ -12,6 +12,7 @@ CKPT_FORMATS = ("torch_dist", "torch")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 DTYPE_FLAGS = {v: k for k, v in DTYPES.items()}  # safetensors name -> --dtype value
+AUTO_MIN_CHUNK_BYTES = 64 << 20  # torch_dist chunks are not cut below this by the automatic bound
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class TargetLayout:
     etp: int | None = None  # expert tensor-parallel size; None follows --tp, as Megatron-Core defaults it
     moe_grouped_gemm: bool = False  # legacy names of grouped-GEMM experts (`linear_fc1.weight{i}`)
     whole_chunk_bytes: int = 64 << 20  # torch_dist: tensors up to this size are one chunk, not one per TP rank
+    # torch_dist: chunks larger than this are cut along dim 0, so each rank's share of the chunks is within a
+    # few percent of 1/N; None: 1/16 of an even share of the model, at least AUTO_MIN_CHUNK_BYTES.
+    max_chunk_bytes: int | None = None
     legacy_gpt: bool = False  # torch files under pre-Megatron-Core GPT names (`--dst legacy`, legacy_gpt.py)
 
     @property
@@ -45,6 +49,8 @@ class TargetLayout:
                 raise ConversionError(f"{flag} {value}: must be a positive integer")
         if self.whole_chunk_bytes < 0:
             raise ConversionError(f"--whole-chunk-mb {self.whole_chunk_bytes >> 20}: must not be negative")
+        if self.max_chunk_bytes is not None and self.max_chunk_bytes < 1:
+            raise ConversionError(f"max_chunk_bytes {self.max_chunk_bytes}: must be positive")
         if self.ckpt_format not in CKPT_FORMATS:
             raise ConversionError(f"--ckpt-format {self.ckpt_format}: choose one of {', '.join(CKPT_FORMATS)}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:

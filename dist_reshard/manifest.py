@@ -2,8 +2,8 @@
 
 `dist_reshard.json` in the output names the tool version, the command, the source fingerprint (file
 names, sizes, header hashes), the target layout and format, and every file written with its size and
-content hash (XXH3-128). While a job runs, each finished file gets a record in the staging folder's progress journal;
-`--resume` keeps the files whose record still matches their bytes and redoes the rest.
+content hash (XXH3-128). While a job runs, each finished file gets a record in the staging folder's
+progress journal; `--resume` keeps the files whose record still matches their bytes and redoes the rest.
 """
 
 from __future__ import annotations

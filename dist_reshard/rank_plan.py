@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConversionError
 from .hf_config import ModelConfig
-from .layout import DTYPES, TargetLayout
+from .layout import AUTO_MIN_CHUNK_BYTES, DTYPES, TargetLayout
 from .mapping import Family, Kind, Piece, Rule, full_shape, hf_shapes, instances, mtp_layer, name_pattern
 from .block_fp8 import scale_rows
 from .safetensors_index import DTYPE_SIZES, SourceTensor
@@ -284,8 +284,27 @@ def _output_dtype(layout: TargetLayout, source: SourceTensor, rule: Rule | None 
     return DTYPES[layout.dtype] if layout.dtype else source.dtype
 
 
+def _row_slices(offset: tuple, shape: tuple, pieces: tuple[Piece, ...], row_bytes: int,
+                max_bytes: int) -> list[tuple[tuple, tuple, tuple[Piece, ...]]]:
+    """A block cut along dim 0 into parts of at most `max_bytes` (whole rows): (offset, shape, pieces)."""
+    step = max(1, max_bytes // max(1, row_bytes))
+    if shape[0] <= step:
+        return [(offset, shape, pieces)]
+    out = []
+    for a in range(0, shape[0], step):
+        z = min(shape[0], a + step)
+        part = []
+        for p in pieces:
+            lo, hi = max(a, p.dst_row), min(z, p.dst_row + p.rows[1] - p.rows[0])
+            if lo < hi:
+                first = p.rows[0] + lo - p.dst_row
+                part.append(Piece(p.source, (first, first + hi - lo), p.cols, lo - a, p.dst_col))
+        out.append(((offset[0] + a,) + offset[1:], (z - a,) + shape[1:], tuple(part)))
+    return out
+
+
 def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig,
-                   layout: TargetLayout, padded_vocab: int) -> list[tuple[tuple, Target]]:
+                   layout: TargetLayout, padded_vocab: int, max_chunk_bytes: int) -> list[tuple[tuple, Target]]:
     """(unit key, target) pairs; unit keys group targets into output files or DCP chunks.
 
     Legacy unit keys are (tp, pp, ep) rank files: every file of an EP group holds the same dense TP shard
@@ -330,9 +349,13 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
             for b in rule.blocks(impl, shapes, names, cfg, tp, r, padded_vocab):
                 # A block lies within one section (key); its offset becomes relative to that section.
                 k, first, sub_full = next(s for s in sections if s[1] <= b.offset[0] < s[1] + s[2][0])
-                goff = lead_offset + (b.offset[0] - first,) + b.offset[1:]
-                out.append(((k, goff), Target(-1, -1, None, k, ones + b.shape, dtype, b.pieces,
-                                              lead_shape + sub_full, goff, len(lead_offset))))
+                row_bytes = math.prod(b.shape[1:]) * DTYPE_SIZES[dtype]
+                # Large chunks cut along dim 0 (Megatron reads any chunking back): what each rank holds
+                # and writes is then within a small fraction of 1/N, not within one TP shard.
+                for offset, shape, pieces in _row_slices(b.offset, b.shape, b.pieces, row_bytes, max_chunk_bytes):
+                    goff = lead_offset + (offset[0] - first,) + offset[1:]
+                    out.append(((k, goff), Target(-1, -1, None, k, ones + shape, dtype, pieces,
+                                                  lead_shape + sub_full, goff, len(lead_offset))))
 
     for rule in rules:
         if rule.tied_to and cfg.tie_word_embeddings:
@@ -637,7 +660,9 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
         pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg))
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
-        pairs = _build_targets(family, index, cfg, layout, padded_vocab)
+        max_chunk = layout.max_chunk_bytes or max(
+            AUTO_MIN_CHUNK_BYTES, sum(t.data_bytes for t in index.values()) // (16 * world))
+        pairs = _build_targets(family, index, cfg, layout, padded_vocab, max_chunk)
         path_of = (lambda key: layout.legacy_file(*key)) if layout.ckpt_format == "torch" else (lambda key: None)
     if skip_paths:
         pairs = [(k, t) for k, t in pairs if path_of(k) not in skip_paths]

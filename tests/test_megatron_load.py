@@ -22,6 +22,8 @@ TWO_RANKS = [
     ("llama3", "torch", dict(tp=1, pp=2, vpp=2), None),
     ("llama3", "torch_dist", dict(tp=2, pp=2, whole_chunk_bytes=0), dict(load_tp=2, load_pp=1)),
     ("llama3", "torch_dist", dict(tp=2, pp=1), dict(load_tp=1, load_pp=2, load_vpp=2)),
+    # Chunks cut along dim 0 within each TP shard (max_chunk_bytes), loaded at the same TP size.
+    ("llama3", "torch_dist", dict(tp=2, pp=1, whole_chunk_bytes=0, max_chunk_bytes=4096), dict(load_tp=2, load_pp=1)),
     ("llama2", "torch", dict(tp=2, pp=1), None),
     ("llama3.1", "torch", dict(tp=2, pp=1), None),
     ("llama3.2", "torch", dict(tp=1, pp=2), None),
@@ -54,7 +56,8 @@ FOUR_RANKS = [
     ("qwen3_moe", "torch", dict(tp=1, pp=2, ep=2), None),
     ("qwen2_moe", "torch", dict(tp=2, pp=1, ep=2, etp=1), None),
     ("mixtral", "torch_dist", dict(tp=1, pp=1, ep=2, etp=2), dict(load_tp=2, load_pp=1, load_ep=2, load_etp=2)),
-    ("qwen3_moe", "torch_dist", dict(tp=2, pp=1, ep=2, whole_chunk_bytes=0), dict(load_tp=1, load_pp=2, load_ep=2)),
+    ("qwen3_moe", "torch_dist", dict(tp=2, pp=1, ep=2, whole_chunk_bytes=0, max_chunk_bytes=2048),
+     dict(load_tp=1, load_pp=2, load_ep=2)),
     ("qwen2_moe", "torch_dist", dict(tp=1, pp=1, ep=4), dict(load_tp=2, load_pp=1, load_ep=2)),
     ("deepseek_v3", "torch", dict(tp=2, pp=2, ep=2, etp=1), None),
 ]

@@ -113,6 +113,10 @@ def test_405b_plan_for_hundreds_of_ranks_in_seconds(fmt, world):
     assert min(a["bytes_read"] for a in acc) > 0
     assert sum(a["bytes_read"] for a in acc) == plan.source_bytes  # read once in total
     assert plan.source_bytes == sum(t.nbytes for t in index.values())
+    if fmt == "torch_dist":  # chunks cut to 1/16 of a share: what a rank holds is within 10% of 1/N
+        written = sum(u.nbytes for u in plan.units)
+        held = max(a["resident_bytes"] - a["peak_bucket_bytes"] for a in acc)
+        assert held <= 1.1 * written / world + plan.largest_item_bytes
 
 
 @pytest.mark.parametrize("change,flag", [
@@ -182,7 +186,8 @@ def test_torch_dist_chunks_whole_up_to_the_threshold(whole_chunk_bytes):
     rank for SwiGLU's halves); replicated ones are always one."""
     config, index = synthetic(dict(LLAMA_405B, num_hidden_layers=2))
     plan = make_plan(family_for("LlamaForCausalLM"), index, config,
-                     TargetLayout(tp=8, ckpt_format="torch_dist", whole_chunk_bytes=whole_chunk_bytes), 16)
+                     TargetLayout(tp=8, ckpt_format="torch_dist", whole_chunk_bytes=whole_chunk_bytes,
+                                  max_chunk_bytes=1 << 40), 16)
     chunks = defaultdict(list)
     for t in plan.targets:
         chunks[t.key, t.global_offset[:t.lead]].append(t)  # one layer's tensor
@@ -192,3 +197,33 @@ def test_torch_dist_chunks_whole_up_to_the_threshold(whole_chunk_bytes):
         whole = "norm" in key or nbytes <= whole_chunk_bytes
         assert len(ts) == (1 if whole else 8) * (2 if "linear_fc1.weight" in key else 1), key
         assert nbytes == math.prod(ts[0].global_shape[ts[0].lead:]) * 2  # the chunks tile the tensor
+
+
+@pytest.mark.parametrize("max_chunk_bytes", [None, 8 << 20, 100 << 20])
+def test_torch_dist_chunks_cut_along_dim0(max_chunk_bytes):
+    """Chunks above max_chunk_bytes (automatic: 1/16 of an even share, at least 64 MiB) are cut into row
+    ranges of whole rows; the chunks still tile every tensor exactly, and their pieces cover the rows."""
+    from dist_reshard.layout import AUTO_MIN_CHUNK_BYTES
+
+    config, index = synthetic(dict(LLAMA_405B, num_hidden_layers=2))
+    world = 4
+    plan = make_plan(family_for("LlamaForCausalLM"), index, config,
+                     TargetLayout(tp=8, ckpt_format="torch_dist", max_chunk_bytes=max_chunk_bytes), world)
+    limit = max_chunk_bytes or max(AUTO_MIN_CHUNK_BYTES, sum(t.nbytes for t in index.values()) // (16 * world))
+    tiles = defaultdict(set)
+    for t in plan.targets:
+        own = t.shape[t.lead:]
+        row_bytes = math.prod(own[1:]) * 2
+        assert t.nbytes <= max(limit, row_bytes), t.key
+        row_elems = math.prod(own[1:])
+        covered = sum((p.rows[1] - p.rows[0]) * (p.cols[1] - p.cols[0] if p.cols else row_elems) for p in t.pieces)
+        assert covered == math.prod(own), t.key
+        cell = (t.key, t.global_offset)
+        assert cell not in tiles[t.key]
+        tiles[t.key].add(cell)
+    for key, cells in tiles.items():
+        ts = [t for t in plan.targets if t.key == key]
+        assert sum(t.nbytes for t in ts) == math.prod(ts[0].global_shape) * 2, key  # no gap, no overlap
+    if max_chunk_bytes == 8 << 20:  # a 525 MB embedding shard alone becomes 63 chunks
+        assert sum(1 for t in plan.targets if t.key == "embedding.word_embeddings.weight") == 8 * 63
+

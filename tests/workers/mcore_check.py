@@ -29,7 +29,8 @@ if __name__ == "__main__":
         layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
                               transformer_impl=case.get("impl", "local"), ep=case.get("ep", 1),
                               etp=case.get("etp"),
-                              whole_chunk_bytes=case.get("whole_chunk_bytes", TargetLayout.whole_chunk_bytes))
+                              whole_chunk_bytes=case.get("whole_chunk_bytes", TargetLayout.whole_chunk_bytes),
+                              max_chunk_bytes=case.get("max_chunk_bytes"))
         run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True, src=case.get("src", "hf")))
         me = dist.get_rank()
         ltp, lpp, lvpp = case.get("load_tp", case["tp"]), case.get("load_pp", case["pp"]), case.get("load_vpp", case.get("vpp"))

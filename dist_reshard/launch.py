@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--whole-chunk-mb", type=int, default=64,
                    help="torch_dist: write a tensor of at most this many MiB as one chunk rather than one per TP "
                         "rank (Megatron reshards on load either way); 0 keeps every TP chunk")
+    p.add_argument("--max-chunk-mb", type=int, default=None,
+                   help="torch_dist: cut larger chunks along dim 0 (default: 1/16 of an even share of the model "
+                        "per rank, at least 64), so each rank writes close to 1/N of it")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: source dtype)")
     p.add_argument("--report", default=None, help="write a JSON report (per-rank bytes, RSS, phase times)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                           transformer_impl=ns.transformer_impl,
                           make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype,
                           ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm,
-                          whole_chunk_bytes=ns.whole_chunk_mb << 20)
+                          whole_chunk_bytes=ns.whole_chunk_mb << 20,
+                          max_chunk_bytes=None if ns.max_chunk_mb is None else ns.max_chunk_mb << 20)
     if ns.dst == "legacy":  # the legacy GPT model has one file format and the local layer names
         layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)
     if ns.dst == "hf":

@@ -50,7 +50,7 @@ class TargetLayout:
         if self.whole_chunk_bytes < 0:
             raise ConversionError(f"--whole-chunk-mb {self.whole_chunk_bytes >> 20}: must not be negative")
         if self.max_chunk_bytes is not None and self.max_chunk_bytes < 1:
-            raise ConversionError(f"max_chunk_bytes {self.max_chunk_bytes}: must be positive")
+            raise ConversionError(f"--max-chunk-mb {self.max_chunk_bytes >> 20}: must be positive")
         if self.ckpt_format not in CKPT_FORMATS:
             raise ConversionError(f"--ckpt-format {self.ckpt_format}: choose one of {', '.join(CKPT_FORMATS)}")
         if self.transformer_impl not in TRANSFORMER_IMPLS:

@@ -227,3 +227,10 @@ def test_torch_dist_chunks_cut_along_dim0(max_chunk_bytes):
     if max_chunk_bytes == 8 << 20:  # a 525 MB embedding shard alone becomes 63 chunks
         assert sum(1 for t in plan.targets if t.key == "embedding.word_embeddings.weight") == 8 * 63
 
+
+
+@pytest.mark.parametrize("bad", [0, -(1 << 20)])
+def test_max_chunk_must_be_positive(bad):
+    config, index = synthetic(dict(LLAMA_405B, num_hidden_layers=2))
+    with pytest.raises(ConversionError, match=rf"^--max-chunk-mb {bad >> 20}: must be positive"):
+        make_plan(family_for("LlamaForCausalLM"), index, config, TargetLayout(tp=8, max_chunk_bytes=bad), 4)

@@ -1,13 +1,14 @@
 """Bytes that pass through unchanged, copied from the source file into the output file inside the kernel.
 
-A read item whose only destination is one output tensor on the reading rank, as whole rows with no decoding
-and no cast, needs no user-space copy at all: its bytes are already laid out in the source file as the
-output file wants them. The writer copies them file to file with `copy_file_range` (what `cp` does), and
+A read item whose destinations are all output tensors on the reading rank, with no decoding and no cast,
+needs no user-space copy at all (`pass_through.py` says which, and where each row or row block goes): its
+bytes are already laid out in the source file as the output file wants them, a contiguous range per splice.
+The writer copies them file to file with `copy_file_range` (what `cp` does), and
 the rest of the file streams through `write()` as usual. On the 2-vCPU VM we benchmark on, `write()` of
 user memory into new page-cache pages runs at ~330 MB/s and `copy_file_range` at ~1.27 GB/s; the output
 tensor's pages for such bytes are never touched, so they cost no memory either.
 
-Writers hand their file object to the serialiser (torch.save, or the safetensors writer) wrapped in
+Writers hand their file object to the serialiser (torch.save, DCP, or the safetensors writer) wrapped in
 `SplicingFile`: a write whose memory overlaps a `Splice` (an address range of an output tensor) copies
 those bytes from the source instead of the (never filled) memory.
 """

@@ -36,11 +36,20 @@ def file_digest(path: str) -> dict:
     reused buffer), and one window's pages mapped at a time, so they do not add up in the process's
     resident memory (a whole-file mapping counts every page hashed)."""
     h = new_file_hasher()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
-        for at in range(0, size, _CHUNK):
-            with mmap.mmap(f.fileno(), min(_CHUNK, size - at), offset=at, access=mmap.ACCESS_READ) as window:
-                h.update(window)
+        try:
+            for at in range(0, size, _CHUNK):
+                with mmap.mmap(f.fileno(), min(_CHUNK, size - at), offset=at, access=mmap.ACCESS_READ) as window:
+                    h.update(window)
+        except OSError:  # a filesystem without mmap (some FUSE mounts): plain reads into one buffer
+            h, size = new_file_hasher(), 0
+            f.seek(0)
+            buf = bytearray(8 << 20)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                h.update(view[:n])
+                size += n
     return {"size": size, FILE_HASH: h.hexdigest()}
 
 

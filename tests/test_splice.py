@@ -51,6 +51,18 @@ def test_without_splices_the_stream_is_hashed(tmp_path):
     assert out.hasher.hexdigest() == file_digest(str(out_path))[FILE_HASH]
 
 
+def test_file_digest_without_mmap_reads_the_file():
+    """A file the kernel cannot map (sysfs here, as some FUSE mounts) is hashed from plain reads."""
+    import xxhash
+
+    path = "/sys/kernel/mm/transparent_hugepage/enabled"
+    if not os.path.exists(path):
+        pytest.skip("no sysfs attribute file to hash")
+    with open(path, "rb") as f:
+        data = f.read()
+    assert file_digest(path) == {"size": len(data), FILE_HASH: xxhash.xxh3_128(data).hexdigest()}
+
+
 def test_legacy_file_with_splices_loads_the_source_bytes(tmp_path, source):
     path, data = source
     weight = torch.empty(64, 32, dtype=torch.bfloat16)  # 4096 bytes, left unfilled

@@ -450,7 +450,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     tensors = _allocate(view.targets)
     direct = pass_through.direct_reads(view, plan.items, targets, index)
     # The writers copy direct items from the source file themselves, in the kernel (writers/splice.py).
-    splices = pass_through.splices(direct, plan.items, tensors, targets, index)
+    splices = pass_through.splices(direct, plan.items, tensors, targets)
     spliced: list[int] = []  # bytes each finished file copied from the source (list.append is thread-safe)
     passed_through = [0]  # direct items' bytes the reader thread has handed to the writers so far
     reader = RangeReader()

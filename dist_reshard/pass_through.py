@@ -23,7 +23,7 @@ from .writers.splice import Splice
 MIN_ROW_BLOCK_BYTES = 1024
 
 
-def _geometry(t, item, src, target: Target):
+def _geometry(t, src, target: Target):
     """(source bytes per row, bytes per row block, block's byte offset in a source row, target bytes per
     row, block's byte offset in a target row), or None when the transfer's bytes change on the way."""
     if target.dtype != src.dtype or src.stored_dtype is not None:
@@ -44,9 +44,9 @@ def _whole_rows(geometry) -> bool:
 
 
 def direct_reads(view: RankPlan, items, targets: dict[int, Target], index: dict) -> dict[int, list]:
-    """Read items whose bytes pass through unchanged (item index -> its transfers): all of them to this
-    rank, each byte to one place, no decoding, no cast, and either whole rows or row blocks of at least
-    MIN_ROW_BLOCK_BYTES."""
+    """Read items whose bytes pass through unchanged (item index -> its transfers, each with its
+    `_geometry`): all of them to this rank, each byte to one place, no decoding, no cast, and either whole
+    rows or row blocks of at least MIN_ROW_BLOCK_BYTES."""
     local: dict[int, list] = defaultdict(list)
     fanout: dict[int, int] = defaultdict(int)
     for sends in view.sends:
@@ -61,29 +61,27 @@ def direct_reads(view: RankPlan, items, targets: dict[int, Target], index: dict)
         if len(transfers) != fanout[i] or item.encoding is not None or item.aux is not None:
             continue
         if sum(t.nbytes for t in transfers) != item.nbytes:
-            continue  # bytes wanted twice (a tied head on the same rank): read once, copied in memory
+            continue  # bytes wanted twice (a norm in two TP files of this rank): read once, copied in memory
         src = index[item.source]
-        shapes = [_geometry(t, item, src, targets[t.target]) for t in transfers]
+        shapes = [_geometry(t, src, targets[t.target]) for t in transfers]
         if all(g is not None and (_whole_rows(g) or g[1] >= MIN_ROW_BLOCK_BYTES) for g in shapes):
-            direct[i] = transfers
+            direct[i] = list(zip(transfers, shapes))
     return direct
 
 
-def splices(direct: dict[int, list], items, tensors: dict[int, torch.Tensor], targets: dict[int, Target],
-            index: dict) -> dict[int, list[Splice]]:
+def splices(direct: dict[int, list], items, tensors: dict[int, torch.Tensor],
+            targets: dict[int, Target]) -> dict[int, list[Splice]]:
     """Per write unit, the direct items as file-to-file copies into its tensors' memory: one per transfer
     of whole rows, one per row block otherwise."""
     out: dict[int, list[Splice]] = defaultdict(list)
     for i, transfers in direct.items():
         item = items[i]
-        src = index[item.source]
-        for t in transfers:
-            target = targets[t.target]
-            src_row, block, src_at, dst_row, dst_at = g = _geometry(t, item, src, target)
+        for t, g in transfers:
+            src_row, block, src_at, dst_row, dst_at = g
             base = tensors[t.target].data_ptr() + t.dst_row * dst_row + dst_at
             first = item.offset + (t.rows[0] - item.rows[0]) * src_row + src_at
             rows = t.rows[1] - t.rows[0]
-            unit = out[target.unit]
+            unit = out[targets[t.target].unit]
             if _whole_rows(g):
                 unit.append(Splice(base, rows * block, item.file, first))
             else:

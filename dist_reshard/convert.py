@@ -451,7 +451,6 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     direct = pass_through.direct_reads(view, plan.items, targets, index)
     # The writers copy direct items from the source file themselves, in the kernel (writers/splice.py).
     splices = pass_through.splices(direct, plan.items, tensors, targets)
-    spliced: list[int] = []  # bytes each finished file copied from the source (list.append is thread-safe)
     passed_through = [0]  # direct items' bytes the reader thread has handed to the writers so far
     reader = RangeReader()
     bar = _progress_bar(opts, plan) if me == 0 else None
@@ -473,7 +472,6 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             else:
                 legacy.write_file(path, containers, args, digest=digest,
                                   legacy_gpt=getattr(opts.layout, "legacy_gpt", False), splices=mine)
-            spliced.append(sum(sp.nbytes for sp in mine))
             written.append(manifest.record_done(staging, unit.path, key, digest=digest))
             faults.maybe_fail(me, "write")
 
@@ -562,7 +560,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             else:
                 records += written
                 report.bytes_written += sum(r["size"] for r in written)
-                report.bytes_read += sum(spliced)  # the copies read the source in the kernel
+                report.bytes_read += report.bytes_read_in_place  # every file's splices were copied (checked)
     except Exception as e:  # noqa: BLE001 - every write failure is agreed on and reported by its cause
         err = _write_error(opts, e)
     if opts.layout.ckpt_format == "torch_dist" and not done:
@@ -570,7 +568,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             everything_spliced = [sp for unit in splices.values() for sp in unit]  # one DCP file per rank
             torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key,
                             splices=everything_spliced)
-            report.bytes_read += sum(sp.nbytes for sp in everything_spliced)
+            report.bytes_read += report.bytes_read_in_place  # the copies read the source in the kernel
             mine = [f for f in _dcp_files(plan.world) if os.path.basename(f).startswith(f"__{me}_")
                     or (me == 0 and not os.path.basename(f).startswith("__"))]
             for rel in mine:

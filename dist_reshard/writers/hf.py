@@ -14,7 +14,7 @@ import torch
 
 from ..manifest import FILE_HASH, new_file_hasher
 from ..safetensors_index import DTYPE_SIZES
-from .splice import SplicingFile, check_all_spliced
+from .splice import spliced_file
 
 # Files a reference HF folder contributes with --hf-config (besides config.json).
 REFERENCE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
@@ -39,18 +39,12 @@ def write_file(path: str, tensors: list[tuple[str, str, torch.Tensor]], splices=
     caller then hashes the file."""
     raw = _header([(n, d, tuple(t.shape)) for n, d, t in tensors])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb", buffering=0) as f:
-        out = SplicingFile(f, splices, new_file_hasher())
-        try:
-            out.write(len(raw).to_bytes(8, "little"))
-            out.write(raw)
-            for _, _, t in tensors:
-                assert t.is_contiguous()  # a copy would lose the addresses the splices name
-                out.write(memoryview(t.view(torch.uint8).numpy()).cast("B"))
-        finally:
-            out.close_sources()
-        check_all_spliced(path, splices, out.spliced)
-        os.fsync(f.fileno())
+    with spliced_file(path, splices, new_file_hasher()) as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for _, _, t in tensors:
+            assert t.is_contiguous()  # a copy would lose the addresses the splices name
+            out.write(memoryview(t.view(torch.uint8).numpy()).cast("B"))
     return {"size": out.size, FILE_HASH: out.hasher.hexdigest()} if out.hasher is not None else {}
 
 

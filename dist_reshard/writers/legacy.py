@@ -12,7 +12,7 @@ import torch
 from ..legacy_gpt import to_legacy
 from ..manifest import FILE_HASH, new_file_hasher
 from .extra_state import linear_modules
-from .splice import SplicingFile, check_all_spliced
+from .splice import spliced_file
 
 CHECKPOINT_VERSION = 3.0  # Megatron's current version; below 2.0 it reorders QKV on load
 
@@ -49,8 +49,7 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
         state[name] = model
     os.makedirs(os.path.dirname(path), exist_ok=True)
     skip_zip_crc()
-    with open(path, "wb", buffering=0) as f:
-        out = SplicingFile(f, splices, new_file_hasher())
+    with spliced_file(path, splices, new_file_hasher()) as out:
         try:
             torch.save(state, out)
         except RuntimeError as e:
@@ -58,10 +57,6 @@ def write_file(path: str, containers: dict[str, dict[str, torch.Tensor]], args: 
             if shutil.disk_usage(os.path.dirname(path)).free < (1 << 20):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path) from e
             raise OSError(errno.EIO, f"torch.save failed: {str(e).splitlines()[0]}", path) from e
-        finally:
-            out.close_sources()
-        check_all_spliced(path, splices, out.spliced)
-        os.fsync(f.fileno())
     size = os.path.getsize(path)
     if digest is not None and out.hasher is not None and out.size == size:
         digest.update({"size": size, FILE_HASH: out.hasher.hexdigest()})

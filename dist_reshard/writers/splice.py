@@ -19,6 +19,7 @@ import bisect
 import ctypes
 import errno
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,20 @@ class SplicingFile:
         if end - self._clean_to >= WRITEBACK_BYTES:
             start_writeback(self._f.fileno(), self._clean_to, end - self._clean_to)
             self._clean_to = end
+
+
+@contextmanager
+def spliced_file(path: str, splices=(), hasher=None):
+    """A new file at `path` as a `SplicingFile` (hashing with `hasher`), fsynced once the body has written
+    it, after checking that every splice was copied."""
+    with open(path, "wb", buffering=0) as f:
+        out = SplicingFile(f, splices, hasher)
+        try:
+            yield out
+        finally:
+            out.close_sources()
+        check_all_spliced(path, splices, out.spliced)
+        os.fsync(f.fileno())
 
 
 def check_all_spliced(where: str, splices, spliced: int) -> None:

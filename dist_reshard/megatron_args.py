@@ -95,27 +95,22 @@ def _hybrid_args(cfg: ModelConfig) -> dict:
     no attention at all (the head count is a placeholder Megatron's argument checks need)."""
     if not cfg.hybrid:
         return {}
+    stack = dict(is_hybrid_model=True, hybrid_override_pattern="".join(cfg.layer_kinds), hybrid_attention_ratio=0.0,
+                 hybrid_mlp_ratio=0.0, spec=["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
+                 model_type_name="mamba", transformer_impl="transformer_engine")
     if cfg.hf_layers:  # a GPT model laid out as attention and MLP layers: its rotary embedding and SwiGLU stay
-        return dict(is_hybrid_model=True, hybrid_override_pattern="".join(cfg.layer_kinds), hybrid_attention_ratio=0.0,
-                    hybrid_mlp_ratio=0.0, spec=["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
-                    model_type_name="mamba", transformer_impl="transformer_engine")
+        return stack
     return dict(
-        is_hybrid_model=True,
-        hybrid_override_pattern="".join(cfg.layer_kinds),
-        hybrid_attention_ratio=0.0,
-        hybrid_mlp_ratio=0.0,
+        stack,
         mamba_state_dim=cfg.mamba_state_dim,
         mamba_head_dim=cfg.mamba_head_dim,
         mamba_num_groups=cfg.mamba_num_groups,
         mamba_num_heads=cfg.mamba_num_heads,
         mamba_conv_kernel=cfg.mamba_conv_kernel,
-        spec=["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"],
-        model_type_name="mamba",
         position_embedding_type="none",
         use_rope_scaling=False,
         swiglu=False,
         squared_relu=cfg.squared_relu,
-        transformer_impl="transformer_engine",
     )
 
 

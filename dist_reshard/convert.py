@@ -22,7 +22,7 @@ from . import __version__, collectives, faults, manifest, pass_through
 from .errors import ConversionError
 from .hf_source import mtp_tensors, open_hf_folder
 from .layout import DTYPE_FLAGS, TargetLayout
-from .megatron_args import megatron_args
+from .megatron_args import PIPELINE_ARGS, megatron_args
 from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import DTYPE_SIZES
@@ -417,6 +417,8 @@ def _output_args(opts: Options, plan: Plan, cfg, family, source):
         for k, v in vars(source.args).items():  # training flags and the stored HF config travel along
             if k in _HYBRID_ARGS and not cfg.hybrid:
                 continue  # a hybrid laid out as GPTModel again (--layer-pattern gpt)
+            if k in PIPELINE_ARGS:
+                continue  # the new layout's split, even where it leaves a field None
             if getattr(args, k, None) is None:
                 setattr(args, k, v)
     if getattr(opts.layout, "legacy_gpt", False):

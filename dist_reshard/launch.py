@@ -36,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
+    p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="--dst mcore: decoder layers on the first pipeline stage (uneven split, as Megatron-LM)")
+    p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="--dst mcore: decoder layers on the last pipeline stage (uneven split, as Megatron-LM)")
+    p.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                   help="--dst mcore: count the embedding as a layer of the first stage when splitting (Megatron-LM)")
+    p.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                   help="--dst mcore: count the loss as a layer of the last stage when splitting (Megatron-LM)")
+    p.add_argument("--pipeline-model-parallel-layout", default=None,
+                   help="--dst mcore: Megatron-Core's layout string, e.g. 'Et*3|(tt|)*29|L' (E embedding, t decoder "
+                        "layer, L loss, | between stages; VPP stages follow from its length)")
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
     p.add_argument("--etp", type=int, default=None,
                    help="expert tensor-parallel size (default: --tp, as Megatron-Core defaults it)")
@@ -83,6 +94,8 @@ def _summary(job: dict) -> str:
              + (f" VPP{job['layout']['vpp']}" if job['layout'].get('vpp') else "")
              + (f" EP{job['layout']['ep']}" if job['layout'].get('ep', 1) > 1 else "")
              + (f" ETP{job['layout']['etp']}" if job['layout'].get('etp') else "")
+             + "".join(f" {k}={lay[k]!r}" for k in ("first_stage_layers", "last_stage_layers", "embedding_in_split",
+                                                    "loss_in_split", "stage_layout") if lay.get(k))
              + (f" {lay['ckpt_format']}" if lay["ckpt_format"] != "hf" else "")]
     for r in job["ranks"]:
         read = r["planned"]["bytes_read"] if job["dry_run"] else r["bytes_read"]
@@ -107,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
                           make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype,
                           ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm,
                           whole_chunk_bytes=ns.whole_chunk_mb << 20,
+                          first_stage_layers=ns.decoder_first_pipeline_num_layers,
+                          last_stage_layers=ns.decoder_last_pipeline_num_layers,
+                          embedding_in_split=ns.account_for_embedding_in_pipeline_split,
+                          loss_in_split=ns.account_for_loss_in_pipeline_split,
+                          stage_layout=ns.pipeline_model_parallel_layout,
                           max_chunk_bytes=None if ns.max_chunk_mb is None else ns.max_chunk_mb << 20)
     if ns.dst == "legacy":  # the legacy GPT model has one file format and the local layer names
         layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)

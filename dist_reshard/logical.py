@@ -71,6 +71,8 @@ class MegatronCheckpoint:
         self.family = self.source.family.name
         lay = self.source.layout
         self.layout = {"tp": lay.tp, "pp": lay.pp, "vpp": lay.vpp}
+        if lay.uneven:
+            self.layout["pipeline_split"] = lay.pipeline_flags
         if self.config.num_experts:
             self.layout.update(ep=lay.ep, etp=lay.expert_tp)
         self._reader = RangeReader()

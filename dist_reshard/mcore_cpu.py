@@ -137,6 +137,12 @@ def _common_config(args: Namespace) -> dict:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         pipeline_dtype=torch.float32,
+        # An uneven split, as Megatron-LM's core_transformer_config_from_args passes it on.
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
+        account_for_embedding_in_pipeline_split=bool(getattr(args, "account_for_embedding_in_pipeline_split", False)),
+        account_for_loss_in_pipeline_split=bool(getattr(args, "account_for_loss_in_pipeline_split", False)),
+        pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None),
         **_moe_config(args),
     )
 

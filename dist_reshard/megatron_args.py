@@ -63,7 +63,7 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
-        num_layers_per_virtual_pipeline_stage=per_stage // layout.vpp if layout.vpp else None,
+        **_pipeline_args(layout, per_stage),
         expert_model_parallel_size=layout.ep,
         expert_tensor_parallel_size=layout.expert_tp,
         sequence_parallel=False,
@@ -87,6 +87,30 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
     vars(args).update(llava_args(cfg))  # the vision encoder and projector of a LLaVA model
     vars(args).update(_hybrid_args(cfg))  # so do Mamba hybrids
     return args
+
+
+# The output's own pipeline split: never carried over from a Megatron source laid out another way.
+PIPELINE_ARGS = ("virtual_pipeline_model_parallel_size", "num_layers_per_virtual_pipeline_stage",
+                 "num_virtual_stages_per_pipeline_rank", "decoder_first_pipeline_num_layers",
+                 "decoder_last_pipeline_num_layers", "account_for_embedding_in_pipeline_split",
+                 "account_for_loss_in_pipeline_split", "pipeline_model_parallel_layout")
+
+
+def _pipeline_args(layout: TargetLayout, per_stage: int) -> dict:
+    """Megatron-LM's pipeline split flags. An uneven split gives the virtual pipeline size as
+    --num-virtual-stages-per-pipeline-rank (Megatron-LM refuses --num-layers-per-virtual-pipeline-stage with
+    first/last stage counts); a layout string implies it, so neither is set beside one."""
+    even = not layout.uneven
+    return dict(
+        num_layers_per_virtual_pipeline_stage=per_stage // layout.vpp if layout.vpp and even else None,
+        num_virtual_stages_per_pipeline_rank=layout.vpp if layout.vpp and not even and not layout.stage_layout
+        else None,
+        decoder_first_pipeline_num_layers=layout.first_stage_layers,
+        decoder_last_pipeline_num_layers=layout.last_stage_layers,
+        account_for_embedding_in_pipeline_split=layout.embedding_in_split,
+        account_for_loss_in_pipeline_split=layout.loss_in_split,
+        pipeline_model_parallel_layout=layout.stage_layout,
+    )
 
 
 def _hybrid_args(cfg: ModelConfig) -> dict:

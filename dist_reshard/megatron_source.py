@@ -261,7 +261,21 @@ def source_layout(args: Namespace, fmt: str, impl: str, grouped: bool) -> Target
                         transformer_impl=impl, ep=getattr(args, "expert_model_parallel_size", 1) or 1,
                         etp=getattr(args, "expert_tensor_parallel_size", None) if getattr(args, "num_experts", None)
                         else None, moe_grouped_gemm=grouped,
-                        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128) or 128)
+                        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128) or 128,
+                        **_pipeline_split(args))
+
+
+def _pipeline_split(args: Namespace) -> dict:
+    """The uneven pipeline split a Megatron-LM job was launched with (its flags, as arguments.py names them)."""
+    layout = getattr(args, "pipeline_model_parallel_layout", None)
+    if layout is not None and not isinstance(layout, str):
+        raise ConversionError(f"args.pipeline_model_parallel_layout is a {type(layout).__name__}, not the layout "
+                              f"string Megatron-LM's --pipeline-model-parallel-layout gives")
+    return dict(first_stage_layers=getattr(args, "decoder_first_pipeline_num_layers", None),
+                last_stage_layers=getattr(args, "decoder_last_pipeline_num_layers", None),
+                embedding_in_split=bool(getattr(args, "account_for_embedding_in_pipeline_split", False)),
+                loss_in_split=bool(getattr(args, "account_for_loss_in_pipeline_split", False)),
+                stage_layout=layout)
 
 
 def _logical_tensor(name: str, shape: tuple[int, ...], dtype: str) -> SourceTensor:

@@ -82,19 +82,27 @@ def tp_shard(key: str, full: torch.Tensor, tp: int, r: int, impl: str = "transfo
     return full
 
 
-def legacy_files(hf, config, tp: int, pp: int, vpp: int | None, impl: str, divisible_by: int = 128):
-    """{(tp_rank, pp_rank): {container: {key: tensor}}} as Megatron's legacy rank files hold them."""
+def legacy_files(hf, config, tp: int, pp: int, vpp: int | None, impl: str, divisible_by: int = 128,
+                 chunk_sizes: list[list[int]] | None = None):
+    """{(tp_rank, pp_rank): {container: {key: tensor}}} as Megatron's legacy rank files hold them.
+
+    `chunk_sizes[p][v]`: the layers of each model chunk of an uneven split (default: equal chunks); layers
+    are numbered chunk by chunk, virtual chunk first, then pipeline rank."""
     full = full_megatron(hf, config, tp, divisible_by)
     L = config.num_hidden_layers
     chunks = vpp or 1
-    per = L // (pp * chunks)
+    sizes = chunk_sizes or [[L // (pp * chunks)] * chunks for _ in range(pp)]
+    starts, n = {}, 0
+    for v in range(chunks):
+        for p in range(pp):
+            starts[p, v], n = n, n + sizes[p][v]
     files = {}
     for r in range(tp):
         for p in range(pp):
             containers = {}
             for v in range(chunks):
                 sd = {}
-                first_layer = v * L // chunks + p * per
+                first_layer, per = starts[p, v], sizes[p][v]
                 for key, value in full.items():
                     if not key.startswith("decoder.layers."):
                         continue

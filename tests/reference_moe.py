@@ -77,20 +77,22 @@ def mla_attention(hf, p: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def legacy_files(hf, config, tp: int, pp: int, ep: int, etp: int | None, impl: str, grouped: bool):
+def legacy_files(hf, config, tp: int, pp: int, ep: int, etp: int | None, impl: str, grouped: bool,
+                 stage_sizes: list[int] | None = None):
     """{(tp_rank, pp_rank, ep_rank): {"model": {key: tensor}}}: the dense TP shard in every EP file, and
-    EP rank k's experts k*E/ep.. renumbered from 0, split by expert TP rank tp_rank % etp."""
+    EP rank k's experts k*E/ep.. renumbered from 0, split by expert TP rank tp_rank % etp. `stage_sizes`:
+    the layers of each pipeline stage of an uneven split (default: equal stages)."""
     etp = etp or tp
     L, E = config.num_hidden_layers, num_experts(config)
-    per, per_ep = L // pp, E // ep
+    sizes, per_ep = stage_sizes or [L // pp] * pp, E // ep
     vocab = padded_vocab(config.vocab_size, 128, tp)
     files = {}
     for r in range(tp):
         for p in range(pp):
             for k in range(ep):
                 sd = {}
-                for j in range(per):
-                    for name, value in layer(hf, config, p * per + j).items():
+                for j in range(sizes[p]):
+                    for name, value in layer(hf, config, sum(sizes[:p]) + j).items():
                         if name.startswith("experts."):
                             module = name[len("experts."):].rsplit(".", 1)[0]  # linear_fc1 / linear_fc2
                             for le in range(per_ep):

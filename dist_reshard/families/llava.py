@@ -117,7 +117,7 @@ class Llava(Family):
             raise ConversionError("config.json: a mixture-of-experts language model inside LLaVA is not supported")
 
     def check_layout(self, layout, cfg) -> None:
-        for flag, used in (("--vpp", layout.vpp), ("--ep", layout.ep > 1)):
+        for flag, used in (("--vpp", layout.vpp), ("--ep", layout.ep > 1), (layout.pipeline_flags, layout.uneven)):
             if used:
                 raise ConversionError(f"{flag}: not supported for LLaVA (Megatron-LM's LLaVA training puts the "
                                       f"vision encoder on the first pipeline stage, without interleaving or experts)")

@@ -2,7 +2,8 @@
 the Megatron forward's logits with the HF model's.
 
 argv[1]: JSON list of cases {load, save, format, tp, pp, vpp, ep, etp, impl, load_tp, load_pp, load_vpp,
-load_ep, load_etp}; argv[2]: JSON results written by rank 0 (one entry per case: max relative logits
+load_ep, load_etp, an uneven split (TargetLayout's field names) and load_split (the split to load torch_dist
+with)}, or {dst: "hf", load, save} for a conversion back to HF without a load; argv[2]: JSON results written by rank 0 (one entry per case: max relative logits
 difference). The world size must be a valid Megatron world for every loaded layout (TP x PP x DP, with
 ETP x EP dividing TP x DP).
 """
@@ -19,18 +20,26 @@ if __name__ == "__main__":
 
     from dist_reshard import mcore_cpu
     from dist_reshard.convert import Options, run
-    from dist_reshard.layout import TargetLayout
+    from dist_reshard import megatron_args
+    from dist_reshard.layout import HFLayout, TargetLayout
+
+    # Uneven pipeline split fields of a case (TargetLayout's names).
+    SPLIT = ("first_stage_layers", "last_stage_layers", "embedding_in_split", "loss_in_split", "stage_layout")
     from dist_reshard.mapping import padded_vocab_size
 
     with open(sys.argv[1]) as f:
         cases = json.load(f)
     results = []
     for case in cases:
+        if case.get("dst") == "hf":  # the way back only (the test compares the files)
+            run(Options(load=case["load"], save=case["save"], layout=HFLayout(), overwrite=True, src="mcore"))
+            continue
         layout = TargetLayout(tp=case["tp"], pp=case["pp"], vpp=case.get("vpp"), ckpt_format=case["format"],
                               transformer_impl=case.get("impl", "local"), ep=case.get("ep", 1),
                               etp=case.get("etp"),
                               whole_chunk_bytes=case.get("whole_chunk_bytes", TargetLayout.whole_chunk_bytes),
-                              max_chunk_bytes=case.get("max_chunk_bytes"))
+                              max_chunk_bytes=case.get("max_chunk_bytes"), **{
+                                  k: case[k] for k in SPLIT if k in case})
         run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True, src=case.get("src", "hf")))
         me = dist.get_rank()
         ltp, lpp, lvpp = case.get("load_tp", case["tp"]), case.get("load_pp", case["pp"]), case.get("load_vpp", case.get("vpp"))
@@ -55,6 +64,9 @@ if __name__ == "__main__":
             args.virtual_pipeline_model_parallel_size = lvpp
             args.expert_model_parallel_size, args.expert_tensor_parallel_size = lep, letp or ltp
             args.padded_vocab_size = padded_vocab_size(args.true_vocab_size, args.make_vocab_size_divisible_by, ltp)
+            if "load_split" in case:  # the pipeline split to load with (Megatron-LM's flags), else the stored one
+                split = TargetLayout(pp=lpp, vpp=lvpp, **case["load_split"])
+                vars(args).update(megatron_args._pipeline_args(split, args.num_layers // lpp))
             models = mcore_cpu.build_gpt_models(args)
             mcore_cpu.load_torch_dist(models, folder)
         gen = torch.Generator().manual_seed(7)

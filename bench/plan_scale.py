@@ -23,7 +23,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from dist_reshard.families import family_for  # noqa: E402
 from dist_reshard.layout import TargetLayout  # noqa: E402
 from dist_reshard.rank_plan import make_plan  # noqa: E402
-from synthetic import LLAMA_405B, deepseek_v3, synthetic  # noqa: E402
+from synthetic import DEEPSEEK_PP16_LAYOUT, DEEPSEEK_VPP2_LAYOUT, LLAMA_405B, deepseek_v3, synthetic  # noqa: E402
 
 CASES = {
     "llama-405b tp8 pp14 torch": (lambda: synthetic(LLAMA_405B), dict(tp=8, pp=14, ckpt_format="torch")),
@@ -31,6 +31,17 @@ CASES = {
     "deepseek-v3-671b-fp8 tp8 ep32 torch_dist": (deepseek_v3, dict(tp=8, pp=1, ep=32, ckpt_format="torch_dist")),
     # Legacy files repeat every dense TP shard in each of the 32 EP files: 32x the transfers of torch_dist.
     "deepseek-v3-671b-fp8 tp8 ep32 torch": (deepseek_v3, dict(tp=8, pp=1, ep=32, ckpt_format="torch")),
+    # As trained: 405B's 126 layers at PP16 with the embedding and the loss counted as layers (7 | 8 x 14 | 7).
+    "llama-405b tp8 pp16 emb+loss torch": (lambda: synthetic(LLAMA_405B), dict(
+        tp=8, pp=16, ckpt_format="torch", embedding_in_split=True, loss_in_split=True)),
+    "llama-405b tp8 pp16 emb+loss torch_dist": (lambda: synthetic(LLAMA_405B), dict(
+        tp=8, pp=16, ckpt_format="torch_dist", embedding_in_split=True, loss_in_split=True)),
+    # 671B's 61 layers at PP16 x EP32 by layout strings: DeepSeek's VPP2 layout with its MTP stage left empty
+    # (torch_dist), and 3 | 4 x 14 | 2 without VPP (legacy files cannot hold an empty chunk).
+    "deepseek-v3-671b-fp8 tp8 pp16 ep32 layout torch_dist": (deepseek_v3, dict(
+        tp=8, pp=16, ep=32, ckpt_format="torch_dist", stage_layout=DEEPSEEK_VPP2_LAYOUT)),
+    "deepseek-v3-671b-fp8 tp8 pp16 ep32 layout torch": (deepseek_v3, dict(
+        tp=8, pp=16, ep=32, ckpt_format="torch", stage_layout=DEEPSEEK_PP16_LAYOUT)),
 }
 
 

@@ -88,6 +88,12 @@ DEEPSEEK_V3_671B = dict(architectures=["DeepseekV3ForCausalLM"], model_type="dee
                                              "weight_block_size": [128, 128]})
 
 
+# Megatron-Core layout strings for its 61 layers at PP16: DeepSeek's own VPP2 layout ("Et*3|(tt|)*29,m|L") with
+# the MTP stage left empty, and one without VPP.
+DEEPSEEK_VPP2_LAYOUT = "Et*3|(tt|)*29|L"
+DEEPSEEK_PP16_LAYOUT = "Et*3|(t*4|)*14,ttL"
+
+
 def deepseek_v3_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """HF name -> (shape, dtype) of a DeepSeek-V3 checkpoint, FP8 weights with their scale tensors."""
     h, v, heads = cfg["hidden_size"], cfg["vocab_size"], cfg["num_attention_heads"]

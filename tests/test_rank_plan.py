@@ -100,11 +100,18 @@ def test_plan_is_deterministic():
     assert a.items == b.items and a.transfers == b.transfers and a.buckets == b.buckets
 
 
-@pytest.mark.parametrize("fmt,world", [("torch", 256), ("torch_dist", 256), ("torch_dist", 1024)])
-def test_405b_plan_for_hundreds_of_ranks_in_seconds(fmt, world):
+# Llama-3.1-405B as trained: PP16 with the embedding and the loss counted as layers (7 | 8 x 14 | 7 layers).
+AS_TRAINED = dict(pp=16, embedding_in_split=True, loss_in_split=True)
+
+
+@pytest.mark.parametrize("fmt,world,split", [("torch", 256, dict(pp=14)), ("torch_dist", 256, dict(pp=14)),
+                                             ("torch_dist", 1024, dict(pp=14)), ("torch", 1024, AS_TRAINED),
+                                             ("torch_dist", 256, AS_TRAINED)])
+def test_405b_plan_for_hundreds_of_ranks_in_seconds(fmt, world, split):
     config, index = synthetic(LLAMA_405B)
     start = time.perf_counter()
-    plan = make_plan(family_for("LlamaForCausalLM"), index, config, TargetLayout(tp=8, pp=14, ckpt_format=fmt), world)
+    plan = make_plan(family_for("LlamaForCausalLM"), index, config, TargetLayout(tp=8, ckpt_format=fmt, **split),
+                     world)
     elapsed = time.perf_counter() - start
     assert elapsed < 60, f"planning took {elapsed:.1f}s"  # a generous guard; the benchmark reports the figure
     acc = plan.accounting()
@@ -113,6 +120,15 @@ def test_405b_plan_for_hundreds_of_ranks_in_seconds(fmt, world):
     assert min(a["bytes_read"] for a in acc) > 0
     assert sum(a["bytes_read"] for a in acc) == plan.source_bytes  # read once in total
     assert plan.source_bytes == sum(t.nbytes for t in index.values())
+    if fmt == "torch" and split is AS_TRAINED:  # 16 stages' files: 7 layers and the embedding, 8, ..., 7 and the head
+        layers = defaultdict(set)
+        for t in plan.targets:
+            if t.key.startswith("decoder.layers."):
+                layers[plan.units[t.unit].path.split("/")[1]].add(int(t.key.split(".")[2]))
+        assert len(layers) == 8 * 16
+        assert [len(layers[f"mp_rank_00_{p:03d}"]) for p in range(16)] == [7] + [8] * 14 + [7]
+        embedding = {plan.units[t.unit].path for t in plan.targets if t.key.startswith("embedding.")}
+        assert embedding == {f"iter_0000001/mp_rank_{r:02d}_000/model_optim_rng.pt" for r in range(8)}
     if fmt == "torch_dist":  # chunks cut to 1/16 of a share: what a rank holds is within 10% of 1/N
         written = sum(u.nbytes for u in plan.units)
         held = max(a["resident_bytes"] - a["peak_bucket_bytes"] for a in acc)
@@ -156,17 +172,19 @@ def test_moe_plan_at_scale(shape, layout, world):
     assert experts, "expert targets planned"
 
 
-@pytest.mark.parametrize("world", [256, 1024])
-def test_deepseek_v3_671b_fp8_plan_for_hundreds_of_ranks(world):
+@pytest.mark.parametrize("world,pp", [(256, 1), (1024, 1), (256, 16), (1024, 16)])
+def test_deepseek_v3_671b_fp8_plan_for_hundreds_of_ranks(world, pp):
     """The full DeepSeek-V3 index as published (FP8 weights, 128 x 128 scales), headers only, over N ranks:
     every stored byte read once, each rank's reads within 10% of 1/N plus the largest slice, and its
-    resident bytes within 10% of 1/N of the bf16 model it writes plus that slice."""
-    from synthetic import deepseek_v3
+    resident bytes within 10% of 1/N of the bf16 model it writes plus that slice. PP16: its 61 layers by
+    DeepSeek's own VPP2 layout string (the MTP stage left empty)."""
+    from synthetic import DEEPSEEK_VPP2_LAYOUT, deepseek_v3
 
     config, index = deepseek_v3()
     start = time.perf_counter()
     plan = make_plan(family_for(config.architecture), index, config,
-                     TargetLayout(tp=8, pp=1, ep=32, ckpt_format="torch_dist"), world)
+                     TargetLayout(tp=8, pp=pp, ep=32, ckpt_format="torch_dist",
+                                  stage_layout=DEEPSEEK_VPP2_LAYOUT if pp > 1 else None), world)
     assert time.perf_counter() - start < 300  # a generous guard for a loaded 2-core CI machine
     acc = plan.accounting()
     stored = sum(t.nbytes + (t.scale.nbytes if t.scale else 0) for t in index.values())

@@ -11,6 +11,7 @@ dequantized, on the reading rank.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -84,12 +85,18 @@ def scale_rows(src: SourceTensor, rows: tuple[int, int]) -> tuple[int, int]:
     return rows[0] // b0, -(-rows[1] // b0)
 
 
-def dequantize(raw: torch.Tensor, src: SourceTensor, rows: tuple[int, int]) -> torch.Tensor:
-    """Rows [a, b) of `src` as bfloat16 bytes, from their FP8 bytes followed by their scale rows' bytes."""
+def dequantize(raw: torch.Tensor, src: SourceTensor, rows: tuple[int, int],
+               device: torch.device | None = None) -> torch.Tensor:
+    """Rows [a, b) of `src` as bfloat16 bytes (on the CPU), from their FP8 bytes followed by their scale rows'
+    bytes. With a CUDA `device` the arithmetic runs there; the result is the CPU's, bit for bit: the same
+    float32 products rounded to nearest even, and a NaN written as the CPU writes it (`_cpu_nan_bits`)."""
     b0, b1 = src.block
     lo, hi = rows
     cols = src.shape[1]
     n = hi - lo
+    on_gpu = device is not None and device.type == "cuda"
+    if on_gpu:
+        raw = raw.to(device)
     stored = n * src.stored_row_bytes
     q = raw[:stored].view(TORCH_DTYPES[src.stored_dtype]).view(n, cols)
     first, _ = scale_rows(src, rows)
@@ -99,10 +106,20 @@ def dequantize(raw: torch.Tensor, src: SourceTensor, rows: tuple[int, int]) -> t
         tail = tail.clone()  # rows of an odd byte count leave the scales unaligned for a float view
     factors = tail.view(scale_dtype).view(-1, src.scale.shape[1]).float()
     factors = factors.repeat_interleave(b1, dim=1)[:, :cols]
-    out = torch.empty((n, cols), dtype=TORCH_DTYPES[src.dtype])
+    out = torch.empty((n, cols), dtype=TORCH_DTYPES[src.dtype], device=raw.device)
     r = lo
     while r < hi:  # one block row at a time: the float32 temporary stays at b0 rows
         end = min(hi, (r // b0 + 1) * b0)
         out[r - lo:end - lo].copy_(q[r - lo:end - lo].float() * factors[r // b0 - first])
         r = end
+    if on_gpu:
+        # CUDA's float -> bf16 writes every NaN as 0x7FFF; the CPU's vectorised cast writes its own pattern.
+        out.view(torch.int16).masked_fill_(torch.isnan(out), _cpu_nan_bits(out.dtype))
+        out = out.cpu()
     return out.view(-1).view(torch.uint8)
+
+
+@functools.cache
+def _cpu_nan_bits(dtype: torch.dtype) -> int:
+    """The bits the CPU path above writes for a NaN: its cast, a float32 tensor copied into a `dtype` one."""
+    return int(torch.empty(64, dtype=dtype).copy_(torch.full((64,), float("nan"))).view(torch.int16)[0])

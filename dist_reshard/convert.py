@@ -51,6 +51,9 @@ class Options:
     hf_config: str | None = None  # --dst hf: reference HF folder for config and tokenizer files
     drop_mtp: bool = False  # leave out multi-token-prediction layers (model.layers.{L + k}.*)
     layer_pattern: str | None = None  # --dst mcore: a GPT model laid out as a MambaModel pattern, or "gpt" back
+    # A check of the exchange: every byte, a rank's own included, goes through the collective (at N=1 on one
+    # GPU: NCCL and device buffers), none is copied locally or file to file. Same output, slower.
+    loopback: bool = False
 
 
 @dataclass
@@ -63,6 +66,7 @@ class RankReport:
     bytes_sent: int = 0
     bytes_received: int = 0
     peak_rss_bytes: int = 0
+    peak_gpu_bytes: int = 0  # torch's allocator peak on the rank's GPU (NCCL's own buffers not counted)
     phases: dict = field(default_factory=dict)
 
 
@@ -173,9 +177,10 @@ def _place(values: torch.Tensor, t, tensors: dict[int, torch.Tensor], targets: d
 
 def _pack(data: dict[int, torch.Tensor], sends: dict[int, list], items, source_dtype: dict[str, str], world: int,
           me: int, pin: bool = False) -> tuple[torch.Tensor, list[int]]:
-    """One flat send buffer for `collectives.exchange_flat`: every other rank's transfers in rank order,
-    each in wire order, copied once from the read buffers. The copy also makes column slices contiguous
-    (a view along dim 1 handed to gloo would send the underlying memory, not the slice)."""
+    """One flat send buffer for `collectives.exchange_flat`: every rank's transfers but `me`'s (copied locally;
+    -1 sends them too) in rank order, each in wire order, copied once from the read buffers. The copy also
+    makes column slices contiguous (a view along dim 1 handed to gloo would send the underlying memory, not
+    the slice)."""
     splits = [0 if d == me else sum(t.nbytes for t in sends.get(d, ())) for d in range(world)]
     buf = torch.empty(sum(splits), dtype=torch.uint8, pin_memory=pin)
     pos = 0
@@ -450,7 +455,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
     tensors = _allocate(view.targets)
-    direct = pass_through.direct_reads(view, plan.items, targets, index)
+    direct = {} if opts.loopback else pass_through.direct_reads(view, plan.items, targets, index)
     # The writers copy direct items from the source file themselves, in the kernel (writers/splice.py).
     splices = pass_through.splices(direct, plan.items, tensors, targets)
     passed_through = [0]  # direct items' bytes the reader thread has handed to the writers so far
@@ -494,7 +499,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
                 if item.index in direct:  # copied by the writers (splices); counted as done for progress
                     passed_through[0] += item.nbytes
                 else:
-                    data[item.index] = decode(item, reader.read(item), index)
+                    data[item.index] = decode(item, reader.read(item), index, device)
         except Exception as e:  # noqa: BLE001 - any failure is agreed on, so no peer waits in the exchange
             err = e
         return data, err, reader.bytes_read + passed_through[0], time.perf_counter() - start
@@ -514,13 +519,16 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             if bar is not None:
                 bar.update(total_done - bar.n)
             # A rank's transfers to itself skip the wire: copied from the read buffer into their targets.
-            _copy_local(data, view.sends[b].get(me, ()), tensors, targets, source_dtype, plan.items)
+            # With --loopback they go through the exchange like a peer's (`wire_self`: no rank is skipped).
+            wire_self = -1 if opts.loopback else me
+            if not opts.loopback:
+                _copy_local(data, view.sends[b].get(me, ()), tensors, targets, source_dtype, plan.items)
             faults.maybe_fail(me, "exchange")
-            if plan.world > 1:
-                send_buf, send_splits = _pack(data, view.sends[b], plan.items, source_dtype, plan.world, me,
-                                              pin=device.type == "cuda")
+            if plan.world > 1 or opts.loopback:
+                send_buf, send_splits = _pack(data, view.sends[b], plan.items, source_dtype, plan.world,
+                                              wire_self, pin=device.type == "cuda")
                 data = None  # the read buffers are no longer needed: only send + receive are in flight
-                recv_splits = [0 if s == me else sum(t.nbytes for t in view.recvs[b].get(s, ()))
+                recv_splits = [0 if s == wire_self else sum(t.nbytes for t in view.recvs[b].get(s, ()))
                                for s in range(plan.world)]
                 got = collectives.exchange_flat(send_buf, send_splits, recv_splits, device)
                 del send_buf
@@ -611,6 +619,8 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
 
 def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, dropped: int = 0) -> dict:
     report.peak_rss_bytes = _peak_rss()
+    if torch.cuda.is_initialized():
+        report.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     reports = collectives.gather_objects(report.__dict__)
     acc = plan.accounting()
     job = {

@@ -14,13 +14,15 @@ from .rank_plan import ReadItem, read_item
 from .safetensors_index import SourceTensor
 
 
-def decode(item: ReadItem, raw: torch.Tensor, index: dict[str, SourceTensor]) -> torch.Tensor:
-    """The item's rows, row-major, in the source tensor's (decoded) dtype, as a flat uint8 tensor."""
+def decode(item: ReadItem, raw: torch.Tensor, index: dict[str, SourceTensor],
+           device: torch.device | None = None) -> torch.Tensor:
+    """The item's rows, row-major, in the source tensor's (decoded) dtype, as a flat uint8 CPU tensor. FP8 rows
+    are dequantized on `device` when it is a GPU (the exchange's device: the arithmetic there is free)."""
     if item.encoding is None:
         return raw
     src = index[item.source]
     if item.encoding == "fp8_block":
-        return dequantize(raw, src, item.rows)
+        return dequantize(raw, src, item.rows, device)
     try:
         t = torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - a corrupt chunk is reported by file and tensor

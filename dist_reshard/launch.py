@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="plan and account only; touch no data")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="exchange on the GPU with NCCL (auto when CUDA is present) or on the CPU with gloo")
+    p.add_argument("--loopback", action="store_true",
+                   help="a check of the exchange: send every byte, a rank's own too, through the collective (on "
+                        "one GPU with --device cuda: NCCL and device buffers) instead of copying it locally; "
+                        "same output, slower")
     p.add_argument("--bucket-mb", type=int, default=256, help="bytes in flight per rank per exchange (MiB)")
     p.add_argument("--resume", action="store_true",
                    help="after a crash: keep the files a previous run of the same command finished, redo the rest")
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConversionError as e:
             sys.stderr.write(f"dist_reshard: error: {e}\n")
             return 2
-    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp, layer_pattern=ns.layer_pattern,
+    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp, layer_pattern=ns.layer_pattern, loopback=ns.loopback,
                    device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
                    resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:

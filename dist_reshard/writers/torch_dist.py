@@ -111,6 +111,9 @@ def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], c
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
     from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
+    # Before anything is torch.saved, the extra-state blobs included: else the first save of a process would
+    # carry their CRCs and later ones zeros, and a job's bytes would depend on what its process did before.
+    skip_zip_crc()
     writer_of = {u.index: u.writer for u in plan.units}
     chunks: dict[str, list[Target]] = defaultdict(list)
     for t in plan.targets:
@@ -136,7 +139,6 @@ def save(folder: str, plan: Plan, rank: int, tensors: dict[int, torch.Tensor], c
         # ShardedTensor is deprecated in favour of DTensor, whose even grid cannot express our chunks.
         warnings.filterwarnings("ignore", category=FutureWarning)
         writer = _writer(folder, save_id, splices)
-        skip_zip_crc()  # DCP torch.saves every chunk
         dcp.save(state, storage_writer=writer, planner=_PreSerializedPlanner())
     check_all_spliced(folder, splices, writer.fs.spliced)
     if rank == 0:

@@ -2,7 +2,7 @@
 
     python bench/run.py --src HF_DIR            # or --make-gb 4 to generate a Llama-shaped source first
         [--reps 3] [--cases copy,full-tensor,dist_reshard] [--ranks 1,2,4] [--formats torch,torch_dist]
-        [--tp 2 --pp 2] [--workdir DIR] [--out bench/results.json] [--gpu] [--keep]
+        [--tp 2 --pp 2] [--workdir DIR] [--out bench/results.json] [--gpu] [--loopback] [--keep]
 
 Repetitions alternate: rep 1 runs every case once, then rep 2, ..., so drift (other load, page-cache
 state) spreads over all cases instead of landing on one. Each case's output is deleted between runs,
@@ -15,6 +15,8 @@ Cases:
   full-tensor   bench/full_tensor_worker.py on N=2 ranks (whole-tensor get_tensor, local TP slicing).
   dist_reshard  `torchrun -m dist_reshard.launch` at N = --ranks, each --formats; every run is paired
                 with the same command plus --dry-run, whose wall is the start-up + planning cost.
+                `--loopback` runs them with dist_reshard's --loopback: every byte through the exchange
+                (with --gpu: NCCL and GPU buffers, even at N=1).
 
 Data time = median wall - median dry-run wall (the work that scales with the bytes).
 """
@@ -76,7 +78,8 @@ def build_cases(ns, src: str, work: str) -> list[dict]:
                 cmd = torchrun(n) + ["-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--load", src,
                                      "--save", dst, "--tp", str(ns.tp), "--pp", str(ns.pp), "--ckpt-format", fmt,
                                      "--overwrite", "--quiet", "--report", rep, "--device", device]
-                name = f"dist_reshard N={n} {fmt}" + (" cuda" if ns.gpu else "")
+                cmd += ["--loopback"] if ns.loopback else []
+                name = f"dist_reshard N={n} {fmt}" + " cuda" * ns.gpu + " loopback" * ns.loopback
                 cases.append(dict(name=name, kind="dist_reshard", n=n, fmt=fmt, dst=dst, cmd=cmd,
                                   dry=cmd + ["--dry-run"], report=rep))
     return cases
@@ -140,6 +143,8 @@ def summarize(case: dict, runs: list[dict], dry_runs: list[dict], source_bytes: 
         ranks = len(reports[0]["ranks"])
         s["peak_rss_per_rank"] = [statistics.median(r["ranks"][i]["peak_rss_bytes"] for r in reports)
                                   for i in range(ranks)]
+        s["peak_gpu_per_rank"] = [statistics.median(r["ranks"][i].get("peak_gpu_bytes", 0) for r in reports)
+                                  for i in range(ranks)]
         names = list(reports[0]["ranks"][0]["phases"])
         s["phases_max_over_ranks"] = {p: statistics.median(max(x["phases"].get(p, 0.0) for x in r["ranks"])
                                                            for r in reports) for p in names}
@@ -167,7 +172,8 @@ def fmt_row(s: dict, copy_time: float | None, gpu: bool, source_bytes: int) -> s
     row = (f"{s['name']:<28} {f(s.get('median_wall'), '8.2f')} {f(s.get('median_dry_wall'), '8.2f')} "
            f"{f(data, '8.2f')} {f(ratio, '7.2f')} {f(s.get('read_ratio'), '8.4f')}  {rss_s:<24} {ph}")
     if gpu and s["kind"] == "dist_reshard" and data:
-        row += f"  [{source_bytes / s['n'] / data / 1e9:.2f} GB/s per GPU]"
+        gpu_peak = "/".join(f"{x / MIB:.0f}" for x in s.get("peak_gpu_per_rank") or [])
+        row += f"  [{source_bytes / s['n'] / data / 1e9:.2f} GB/s per GPU, peak GPU MiB {gpu_peak or '-'}]"
     if s["failures"]:
         row += f"  FAILED {len(s['failures'])} run(s)"
     return row
@@ -261,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=None, help="outputs go here (default: a temp dir beside the source)")
     p.add_argument("--out", default=os.path.join(BENCH, "results.json"))
     p.add_argument("--gpu", action="store_true", help="dist_reshard cases with --device cuda (NCCL)")
+    p.add_argument("--loopback", action="store_true",
+                   help="dist_reshard cases with --loopback (every byte through the exchange, a rank's own too)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds one run may take")
     p.add_argument("--keep", action="store_true", help="keep the generated source and the workdir")
     ns = p.parse_args(argv)

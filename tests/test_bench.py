@@ -1,10 +1,12 @@
 """The benchmark's own tools (bench/): the checkpoint generator, the full-tensor baseline, the runner.
 
-Fast and untimed: a few-MB source, no torchrun; timing is bench/run.py's job, not the suite's.
+Fast and untimed: a few-MB source, one N=1 torchrun job at most (gpu_check's smoke); timing is
+bench/run.py's job, not the suite's.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -128,3 +130,73 @@ def test_runner_copy_case(tiny_llama, tmp_path):
     (copy,) = result["cases"]
     assert copy["name"] == "copy" and copy["read_ratio"] == 1.0 and len(copy["walls"]) == 1
     assert os.listdir(tmp_path / "work") == []  # the case's output and the temp workdir are cleaned up
+
+
+# bench/gpu_check.sh: the one-GPU check. Its GPU stages run on a GPU machine only; what it does around them
+# (arguments, wheel install, source, bench/run.py, the results JSON) is tested here so GPU minutes are not
+# spent on a typo.
+
+
+def test_gpu_check_script_parses_and_passes_shellcheck():
+    script = os.path.join(ROOT, "bench", "gpu_check.sh")
+    assert os.access(script, os.X_OK)
+    subprocess.run(["bash", "-n", script], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    proc = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def test_gpu_check_cpu_smoke_end_to_end(tmp_path):
+    """--cpu-smoke on a tiny source: the copy and a --loopback conversion through bench/run.py, the results
+    JSON with the figures, the log, and the work folder emptied afterwards."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run([os.path.join(ROOT, "bench", "gpu_check.sh"), "--cpu-smoke", "--skip", "tests",
+                           "--cases", "copy,torch_dist-loopback", "--workdir", str(work), "--out", str(out),
+                           "--budget-s", "400"], env=dict(os.environ, PYTHON=sys.executable), capture_output=True,
+                          text=True, timeout=420)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    result = json.loads((out / "gpu_check.json").read_text())
+    assert result["mode"] == "cpu-smoke" and result["status"] == "ok"
+    stages = result["stages"]
+    assert stages["env"]["cuda_available"] is False and stages["wheels"]["missing"] == []
+    assert stages["source"]["tensor_bytes"] > 0 and "tests" not in stages
+    figures = {f["case"]: f for f in stages["bench"]["figures"]}
+    assert sorted(figures) == ["copy", "dist_reshard N=1 torch_dist loopback"]
+    loop = figures["dist_reshard N=1 torch_dist loopback"]
+    assert loop["read_ratio"] == 1.0 and loop["gb_s_end_to_end"] > 0 and loop["wall_over_copy"] > 0
+    assert loop["peak_gpu_allocated_mib"] == [0] and "exchange" in loop["phases_s"]
+    assert "bench/run.py" in (out / "gpu_check.log").read_text()
+    assert os.listdir(work) == []
+
+
+def test_gpu_check_installs_only_missing_wheels_without_an_index(tmp_path, monkeypatch):
+    """A package that does not import is installed from the wheel folder with --no-index into a private
+    folder; one that imports is left alone."""
+    import base64
+    import hashlib
+    import zipfile
+
+    import gpu_check
+
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    files = {"gpucheck_probe/__init__.py": b"VALUE = 42\n",
+             "gpucheck_probe-1.0.dist-info/METADATA": b"Metadata-Version: 2.1\nName: gpucheck-probe\nVersion: 1.0\n",
+             "gpucheck_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                                   b"Tag: py3-none-any\n"}
+    record = "".join(f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
+                     f"{len(data)}\n" for name, data in files.items()) + "gpucheck_probe-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheels / "gpucheck_probe-1.0-py3-none-any.whl", "w") as z:
+        for name, data in {**files, "gpucheck_probe-1.0.dist-info/RECORD": record.encode()}.items():
+            z.writestr(name, data)
+    monkeypatch.setattr(gpu_check, "WHEELS", str(wheels))
+    monkeypatch.setattr(gpu_check, "NEEDED", {"gpucheck_probe": [("gpucheck-probe", "gpucheck_probe")],
+                                              "json": [("json", "json")]})
+    site = tmp_path / "site"
+    entry = gpu_check.stage_wheels(gpu_check.Check(str(tmp_path / "out"), 120, "test"), str(site))
+    assert entry["ok"] and entry["missing"] == ["gpucheck_probe"]
+    assert entry["installed"] == ["gpucheck_probe-1.0-py3-none-any.whl"] and entry["no_wheel_for"] == []
+    probe = subprocess.run([sys.executable, "-c", "import gpucheck_probe; print(gpucheck_probe.VALUE)"],
+                           env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True)
+    assert probe.stdout.strip() == "42", probe.stderr

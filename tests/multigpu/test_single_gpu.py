@@ -81,11 +81,12 @@ def _assert_same_output(got: dict, want: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def gpu_outputs(sources, tmp_path_factory):
+def gpu_outputs(request, tmp_path_factory):
     """Two jobs: the CPU reference on gloo, then one NCCL job making the plain and the loopback outputs."""
     why = _cuda_missing()
     if why:
-        pytest.skip(why)
+        pytest.skip(why)  # before the sources are built: skipping costs nothing
+    sources = request.getfixturevalue("sources")
     root = str(tmp_path_factory.mktemp("single_gpu"))
     cpu = _cases(sources, root, "cpu", device="cpu")
     plain = _cases(sources, root, "cuda", device="cuda")

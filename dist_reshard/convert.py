@@ -344,6 +344,8 @@ def _publish(opts: Options, staging: str) -> None:
 def run(opts: Options) -> dict:
     """Run this rank's part of the job; returns the job report (complete on rank 0)."""
     device = collectives.init(opts.device, opts.timeout_s)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the report's peak is this job's (one process may run several)
     me = collectives.rank()
     report = RankReport(me)
     clock = time.perf_counter()

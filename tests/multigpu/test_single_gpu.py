@@ -69,9 +69,13 @@ def _run(cases: list[dict], root: str, job: str, gpus: str = "") -> None:
     torchrun(1, "tests/workers/convert_many.py", path, timeout=600, gpus=gpus)
 
 
-def _report(case: dict) -> dict:
+def _job(case: dict) -> dict:
     with open(case["save"] + ".report.json") as f:
-        return json.load(f)["ranks"][0]
+        return json.load(f)
+
+
+def _report(case: dict) -> dict:
+    return _job(case)["ranks"][0]
 
 
 def _assert_same_output(got: dict, want: dict) -> None:
@@ -102,13 +106,14 @@ def test_one_gpu_equals_cpu(gpu_outputs, name, fmt):
     cpu, plain, loop = gpu_outputs[f"{name}-{fmt}"]
     _assert_same_output(plain, cpu)
     _assert_same_output(loop, cpu)
-    # The loopback run read every byte into memory (nothing copied file to file) and the exchange ran on the
-    # GPU: buffers, and FP8 decoding, went through its allocator; the plain run's did not all.
-    rep, plain_rep = _report(loop), _report(plain)
+    # The loopback run read every byte into memory (nothing copied file to file) and sent all of it through the
+    # GPU: the tiny model is one bucket, whose send and receive buffers (at least the bytes read, FP8 decoded
+    # to twice its size) were on the device at once. The CPU job never touched CUDA.
+    rep = _report(loop)
+    assert _job(loop)["buckets"] == 1
     assert rep["bytes_read_in_place"] == 0 and rep["bytes_read"] == _report(cpu)["bytes_read"]
-    assert rep["peak_gpu_bytes"] > 0 and _report(cpu)["peak_gpu_bytes"] == 0
-    assert rep["peak_gpu_bytes"] >= plain_rep["peak_gpu_bytes"]
-    assert rep["phases"]["exchange"] > 0
+    assert rep["peak_gpu_bytes"] >= rep["bytes_read"] > 0 and _report(cpu)["peak_gpu_bytes"] == 0
+    assert _report(plain)["peak_gpu_bytes"] > 0  # the plain NCCL run's error agreement is on the GPU too
 
 
 def test_loopback_on_one_cpu_rank(sources, tmp_path):
@@ -122,4 +127,5 @@ def test_loopback_on_one_cpu_rank(sources, tmp_path):
     for p, lo in zip(picked, loop):
         _assert_same_output(lo, p)
         assert _report(lo)["bytes_read_in_place"] == 0 and _report(lo)["bytes_read"] == _report(p)["bytes_read"]
+        assert _job(lo)["buckets"] == 1  # what test_one_gpu_equals_cpu's GPU memory bound assumes
     assert _report(picked[0])["bytes_read_in_place"] > 0  # the plain run does copy file to file

@@ -125,23 +125,35 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def stage_env(check: Check, workdir: str) -> dict:
-    import torch
+# Run in a child process: this one never holds a CUDA context (it would count in nvidia-smi's figures).
+TORCH_PROBE = """
+import json, torch
+info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available()}
+if info["cuda_available"]:
+    info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    v = torch.cuda.nccl.version()
+    info["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+print(json.dumps(info))
+"""
 
-    info = {"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
-            "torch": torch.__version__, "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count(),
-            "workdir": workdir, "workdir_free_gb": round(shutil.disk_usage(workdir).free / GB, 1),
-            "workdir_fs": _fstype(workdir), "packages": {m: _importable(m) for m in (*PRESENT, *NEEDED)},
-            "megatron_core": _importable("megatron")}
-    if torch.cuda.is_available():
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+
+def stage_env(check: Check, workdir: str, env: dict) -> dict:
+    probe = subprocess.run([sys.executable, "-c", TORCH_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    try:
+        info = json.loads(probe.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        info = {"torch": None, "cuda_available": False, "torch_error": probe.stderr[-1500:]}
+    info.update({"python": platform.python_version(), "executable": sys.executable, "platform": platform.platform(),
+                 "cpus": os.cpu_count(), "workdir": workdir,
+                 "workdir_free_gb": round(shutil.disk_usage(workdir).free / GB, 1), "workdir_fs": _fstype(workdir),
+                 "packages": {m: _importable(m) for m in (*PRESENT, *NEEDED)}, "megatron_core": _importable("megatron")})
     if shutil.which("nvidia-smi"):
         smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
         info["nvidia_smi"] = smi.stdout.strip()
     check.say("env: " + json.dumps(info))
-    return check.stage("env", ok=all(info["packages"][m] for m in PRESENT), **info)
+    return check.stage("env", ok=info["torch"] is not None and all(info["packages"][m] for m in PRESENT), **info)
 
 
 def _fstype(path: str) -> str:
@@ -237,7 +249,8 @@ def stage_source(check: Check, workdir: str, size_gb: float, env: dict) -> dict:
 
 
 class GpuMemory:
-    """nvidia-smi's memory.used sampled every 200 ms while a case runs (CUDA context and NCCL included)."""
+    """nvidia-smi's memory.used (MiB) sampled every 200 ms while a case runs: every process's CUDA context and
+    NCCL's buffers included. The first sample, taken before the case starts, is the baseline."""
 
     def __init__(self):
         self.proc = None
@@ -253,12 +266,14 @@ class GpuMemory:
             if line.strip().isdigit():
                 self.samples.append(int(line.strip()))
 
-    def stop(self) -> int | None:
+    def stop(self) -> dict:
         if self.proc is None:
-            return None
+            return {}
         self.proc.terminate()
         self.proc.wait(timeout=10)
-        return max(self.samples, default=None)
+        if not self.samples:
+            return {}
+        return {"nvidia_smi_peak_mib": max(self.samples), "nvidia_smi_baseline_mib": self.samples[0]}
 
 
 def stage_bench(check: Check, source: dict, workdir: str, env: dict, gpu: bool, cases: list[str]) -> dict:
@@ -277,10 +292,12 @@ def stage_bench(check: Check, source: dict, workdir: str, env: dict, gpu: bool, 
                "--workdir", os.path.join(workdir, "work"), "--out", out, "--timeout", str(int(check.left() - 20)),
                *BENCH_CASES[name]] + (["--gpu"] if gpu and name != "copy" else [])
         smi = GpuMemory() if gpu else None
+        if smi is not None:
+            time.sleep(0.5)  # the baseline sample, before the case's processes start
         rc, tail, secs = check.run(cmd, timeout=check.left() - 15, env=env)
         result = {"rc": rc, "seconds": secs, "tail": tail[-1500:]}
         if smi is not None:
-            result["nvidia_smi_peak_mib"] = smi.stop()
+            result.update(smi.stop())
         if rc == 0 and os.path.exists(out):
             with open(out) as f:
                 got = json.load(f)
@@ -311,7 +328,8 @@ def figures(cases: dict, tensor_bytes: int) -> list[dict]:
                "phases_s": {k: round(v, 3) for k, v in (s.get("phases_max_over_ranks") or {}).items()},
                "peak_rss_mib": [round(x / 2**20) for x in s.get("peak_rss_per_rank") or []],
                "peak_gpu_allocated_mib": [round(x / 2**20) for x in s.get("peak_gpu_per_rank") or []],
-               "nvidia_smi_peak_mib": c.get("nvidia_smi_peak_mib"), "read_ratio": s.get("read_ratio")}
+               "nvidia_smi_peak_mib": c.get("nvidia_smi_peak_mib"),
+               "nvidia_smi_baseline_mib": c.get("nvidia_smi_baseline_mib"), "read_ratio": s.get("read_ratio")}
         rows.append(row)
     return rows
 
@@ -330,8 +348,8 @@ def table(check: Check) -> None:
                   + (f"  {e.get('size_gb')} GB in {e.get('seconds')}s" if name == "source" else ""))
     for row in st.get("bench", {}).get("figures", []):
         check.say(f"  {row['case']:<36} wall {row['wall_s']:8.2f}s  {row['gb_s_end_to_end']:7.4g} GB/s end to end"
-                  f"  x{row['wall_over_copy']} copy  GPU peak {row['nvidia_smi_peak_mib']} MiB (smi) "
-                  f"{row['peak_gpu_allocated_mib']} MiB (torch)")
+                  f"  x{row['wall_over_copy']} copy  GPU MiB: smi peak {row['nvidia_smi_peak_mib']} (baseline "
+                  f"{row['nvidia_smi_baseline_mib']}), torch peak {row['peak_gpu_allocated_mib']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -366,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, on a GPU host too
     ok = True
     try:
-        info = stage_env(check, workdir)
+        info = stage_env(check, workdir, env)
         if not smoke and not info["cuda_available"]:
             check.say("no CUDA device: nothing to check here (use --cpu-smoke to test the script on a CPU)")
             check.results["status"] = "no-gpu"

@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import io
-
 import torch
 
 from .block_fp8 import dequantize
 from .dtypes import DTYPE_NAMES
 from .errors import ConversionError
 from .rank_plan import ReadItem, read_item
+from .safe_pickle import load_tensor_blob
 from .safetensors_index import SourceTensor
 
 
@@ -23,11 +22,7 @@ def decode(item: ReadItem, raw: torch.Tensor, index: dict[str, SourceTensor],
     src = index[item.source]
     if item.encoding == "fp8_block":
         return dequantize(raw, src, item.rows, device)
-    try:
-        t = torch.load(io.BytesIO(raw.numpy().tobytes()), weights_only=True, map_location="cpu")
-    except Exception as e:  # noqa: BLE001 - a corrupt chunk is reported by file and tensor
-        raise ConversionError(f"{item.file}: chunk {item.source} is not a readable torch.save blob "
-                              f"({e.__class__.__name__})") from None
+    t = load_tensor_blob(raw.numpy().tobytes(), f"{item.file}: chunk {item.source}")
     data = t.contiguous().view(-1).view(torch.uint8)
     if data.numel() != src.data_bytes or DTYPE_NAMES.get(t.dtype) != src.dtype:
         raise ConversionError(f"{item.file}: chunk {item.source} holds {t.dtype} {list(t.shape)}, the metadata "

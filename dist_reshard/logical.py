@@ -9,7 +9,6 @@ their byte ranges like any conversion source.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 
@@ -20,6 +19,7 @@ from .decode import read_rows
 from .hf_source import open_hf_folder
 from .rank_plan import IGNORED_SUFFIXES
 from .reader import RangeReader
+from .safe_pickle import load_tensor_blob
 from .dtypes import TORCH_DTYPES
 
 
@@ -28,7 +28,7 @@ def read_dcp_chunk(folder: str, info) -> torch.Tensor:
     """One stored DCP chunk, from its byte range alone (DCP stores each chunk as a torch.save blob)."""
     with open(os.path.join(folder, info.relative_path), "rb") as f:
         f.seek(info.offset)
-        return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        return load_tensor_blob(f.read(info.length), f"{f.name}: chunk at {info.offset}")
 
 
 class HFCheckpoint:

@@ -15,9 +15,6 @@ import dataclasses
 import glob
 import math
 import os
-import pickle
-import struct
-import zipfile
 from argparse import Namespace
 from collections import defaultdict
 from dataclasses import dataclass
@@ -29,13 +26,8 @@ from .families import family_for
 from .hf_config import HYBRID_MODEL_TYPES, ModelConfig, config_from_dict
 from .layout import TargetLayout
 from .mapping import Family, Kind, full_shape, hf_shapes, instances, name_pattern
+from .safe_pickle import TensorRef, read_dcp_metadata, read_pt_metadata
 from .safetensors_index import DTYPE_SIZES, SourceTensor
-
-_STORAGE_DTYPES = {"FloatStorage": "F32", "BFloat16Storage": "BF16", "HalfStorage": "F16",
-                   "DoubleStorage": "F64", "LongStorage": "I64", "IntStorage": "I32", "ShortStorage": "I16",
-                   "CharStorage": "I8", "ByteStorage": "U8", "BoolStorage": "BOOL",
-                   "Float8_e4m3fnStorage": "F8_E4M3", "Float8_e5m2Storage": "F8_E5M2"}
-
 
 @dataclass(frozen=True)
 class Cover:
@@ -61,84 +53,6 @@ class MegatronSource:
     covers: dict[str, list[Cover]]  # HF name -> where its parts are stored
     logical: dict[str, SourceTensor]  # HF name -> shape and dtype (no file): what the planner converts
     files: list[str]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Legacy .pt files read as metadata.
-
-
-@dataclass(frozen=True)
-class _StorageRef:
-    dtype: str
-    key: str
-
-
-@dataclass(frozen=True)
-class _TensorRef:
-    storage: _StorageRef
-    offset: int  # in elements
-    shape: tuple[int, ...]
-    contiguous: bool
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride, *_):
-    shape = tuple(size)
-    expected, n = [], 1
-    for d in reversed(shape):
-        expected.append(n)
-        n *= d
-    return _TensorRef(storage, storage_offset, shape, tuple(stride) == tuple(reversed(expected)) or n <= 1)
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """torch.save's pickle with tensors replaced by references to their records (no data is loaded)."""
-
-    def find_class(self, module, name):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_tensor
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid):
-        kind, storage_type, key, _location, _numel = pid
-        if kind != "storage" or storage_type not in _STORAGE_DTYPES.values():
-            raise pickle.UnpicklingError(f"unsupported storage {storage_type!r}")
-        return _StorageRef(storage_type, str(key))
-
-
-def _local_data_offset(f, info: zipfile.ZipInfo) -> int:
-    f.seek(info.header_offset)
-    local = f.read(30)
-    name_len, extra_len = struct.unpack("<HH", local[26:30])
-    return info.header_offset + 30 + name_len + extra_len
-
-
-def read_pt_metadata(path: str) -> tuple[dict, dict[str, int]]:
-    """The saved object with `_TensorRef`s in place of tensors, and each storage record's file offset.
-
-    Records are read straight from their byte ranges (torch.save stores them uncompressed), without
-    zipfile's CRC check: our own legacy writer leaves CRCs at zero (torch's compute_crc32 off)."""
-    import io
-
-    try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-            infos = zf.infolist()
-            pkl = next(i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl")
-            prefix = pkl.filename[:-len("data.pkl")]
-            offsets = {}
-            for info in infos:
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise ConversionError(f"{path}: record {info.filename} is compressed; cannot read it in place")
-                if info.filename.startswith(prefix + "data/"):
-                    offsets[info.filename[len(prefix + "data/"):]] = _local_data_offset(f, info)
-            f.seek(_local_data_offset(f, pkl))
-            obj = _MetadataUnpickler(io.BytesIO(f.read(pkl.file_size))).load()
-            return obj, offsets
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: rank file missing") from None
-    except (zipfile.BadZipFile, StopIteration, pickle.UnpicklingError, EOFError, struct.error, ValueError) as e:
-        raise ConversionError(f"{path}: not a readable torch.save file ({e.__class__.__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,7 +270,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
     def stored_tensor(file: str, container: str, key: str) -> SourceTensor:
         obj, offsets = meta[file]
         ref = obj.get(container, {}).get(key)
-        if not isinstance(ref, _TensorRef):
+        if not isinstance(ref, TensorRef):
             raise ConversionError(f"{file}: tensor {key!r} missing from {container!r}")
         if not ref.contiguous:
             raise ConversionError(f"{file}: tensor {key!r} is not contiguous; cannot read it in place")
@@ -406,19 +320,13 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
 
 
 def _open_torch_dist(path: str, folder: str) -> MegatronSource:
-    import torch
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    try:
-        md = FileSystemReader(folder).read_metadata()
-    except Exception as e:  # noqa: BLE001 - a missing or corrupt .metadata is reported by file
-        raise ConversionError(f"{folder}/.metadata: unreadable DCP metadata ({e.__class__.__name__})") from None
+    md = read_dcp_metadata(folder)
     common_path = os.path.join(folder, "common.pt")
-    try:
-        common = torch.load(common_path, weights_only=False, map_location="cpu")
-    except FileNotFoundError:
-        raise ConversionError(f"{common_path}: missing (holds the args that describe the model)") from None
+    if not os.path.exists(common_path):
+        raise ConversionError(f"{common_path}: missing (holds the args that describe the model)")
+    common, _ = read_pt_metadata(common_path)
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, Namespace):
         raise ConversionError(f"{common_path}: no 'args' namespace; cannot tell the model")

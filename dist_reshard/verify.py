@@ -23,6 +23,7 @@ from .logical import read_dcp_chunk
 from .manifest import FILE_HASH, MANIFEST, file_digest, read_manifest
 from .rank_plan import Target, make_plan
 from .reader import RangeReader
+from .safe_pickle import load_pt, read_dcp_metadata
 from .dtypes import TORCH_DTYPES as _TORCH_DTYPES
 
 
@@ -76,9 +77,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _dcp_chunks(folder: str):
     """(key, offsets) -> loader of that stored chunk, read from its byte range alone."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    meta = FileSystemReader(folder).read_metadata()
+    meta = read_dcp_metadata(folder)
     chunks = {}
     for index, info in meta.storage_data.items():
         chunks[(index.fqn, tuple(index.offset) if index.offset is not None else None)] = (
@@ -105,7 +104,7 @@ def check_against(out: str, src: str) -> list[str]:
                 path = os.path.join(out, plan.units[t.unit].path)
                 if path not in files:
                     files.clear()  # one rank file mapped at a time
-                    files[path] = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
+                    files[path] = load_pt(path, mmap=True, map_location="cpu")
                     if layout.legacy_gpt:  # pre-Megatron-Core names: compared under the Megatron-Core ones
                         from .legacy_gpt import model_containers, to_mcore
 

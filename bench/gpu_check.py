@@ -91,7 +91,7 @@ class Check:
 
     def run(self, cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
         """(exit code, last 4000 characters of output, seconds); output streamed to the log and stdout.
-        The command runs in its own process group, all of which is killed at the timeout (rc 124)."""
+        The command runs in its own process group, which is stopped at the timeout (rc 124)."""
         self.say("$ " + " ".join(cmd) + f"   (timeout {timeout:.0f}s)")
         t0 = time.monotonic()
         if timeout < 1:
@@ -112,8 +112,13 @@ class Check:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            # SIGTERM first: torchrun's agent then stops its workers (they run in sessions of their own).
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
             rc = 124
             tail.append(f"gpu_check: killed after {timeout:.0f}s\n")
         reader.join(timeout=5)
@@ -238,7 +243,7 @@ def stage_source(check: Check, workdir: str, size_gb: float, env: dict) -> dict:
     src = os.path.join(workdir, "source")
     shutil.rmtree(src, ignore_errors=True)
     rc, tail, secs = check.run([sys.executable, os.path.join(BENCH, "make_checkpoint.py"), src, "--size-gb",
-                                f"{size:.3f}"], timeout=min(240, check.left() - 60), env=env)
+                                f"{size:.3f}"], timeout=min(240, check.left() - 20), env=env)
     entry = {"path": src, "asked_gb": size_gb, "size_gb": round(size, 3), "rc": rc, "seconds": secs,
              "tail": tail[-800:], "ok": rc == 0}
     if rc == 0:

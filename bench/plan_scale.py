@@ -54,7 +54,7 @@ def measure(name: str, world: int) -> dict:
     acc = plan.accounting()
     written = sum(u.nbytes for u in plan.units)
     return dict(case=name, world=world, plan_wall_s=round(wall, 2), plan_cpu_s=round(cpu, 2),
-                targets=len(plan.targets), read_items=len(plan.items), transfers=len(plan.transfers),
+                targets=len(plan.targets), read_items=len(plan.items), transfers=plan.transfer_count, fanouts=len(plan.fanouts),
                 source_bytes=plan.source_bytes, written_bytes=written,
                 max_read_over_share=max(a["bytes_read"] for a in acc) * world / plan.source_bytes,
                 max_resident_over_share=max(a["resident_bytes"] for a in acc) * world / written,

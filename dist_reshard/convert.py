@@ -633,7 +633,7 @@ def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, droppe
         "padded_vocab_size": plan.padded_vocab,
         "targets": len(plan.targets),
         "read_items": len(plan.items),
-        "transfers": len(plan.transfers),
+        "transfers": plan.transfer_count,
         "buckets": len(plan.buckets),
         "largest_read_item_bytes": plan.largest_item_bytes,
         "dropped_mtp_tensors": dropped,

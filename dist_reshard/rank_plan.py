@@ -8,6 +8,8 @@ Vocabulary:
 - `Target`: one tensor (legacy) or one chunk of a global tensor (torch_dist) that a rank writes.
 - `ReadItem`: a contiguous run of whole rows of one source tensor: one positional read, by one rank.
 - `Transfer`: the part of a read item (rows x columns) that lands in one target, from reader to writer.
+- `Fanout`: the same part of a read item landing alike in several targets (a dense shard's copies in the EP
+  files of a legacy checkpoint): the plan holds one per group, a rank's view one `Transfer` per target.
 - `Bucket`: the read items exchanged together; buckets bound the bytes a rank holds in flight.
 """
 
@@ -18,6 +20,7 @@ import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .errors import ConversionError
 from .hf_config import ModelConfig
@@ -92,7 +95,7 @@ class ReadItem:
 
 @dataclass(frozen=True)
 class Transfer:
-    index: int
+    index: int  # the Fanout it belongs to
     item: int
     target: int
     rows: tuple[int, int]  # source rows (absolute in the source tensor)
@@ -104,10 +107,30 @@ class Transfer:
     dst_col: int = 0  # first column in the target (a row-parallel shard placed into a whole tensor)
 
 
+class Fanout(NamedTuple):
+    """Rows [rows) x cols of one read item placed alike (from dst_row, dst_col) into each of `targets`, written
+    by `dsts`. A tuple: the 671B legacy plan holds half a million of these."""
+
+    index: int
+    item: int
+    targets: tuple[int, ...]
+    dsts: tuple[int, ...]  # the writer of each target
+    rows: tuple[int, int]
+    cols: tuple[int, int] | None
+    dst_row: int
+    nbytes: int  # per target
+    src: int
+    dst_col: int = 0
+
+    def transfers(self) -> list[Transfer]:
+        return [Transfer(self.index, self.item, t, self.rows, self.cols, self.dst_row, self.nbytes, self.src, d,
+                         self.dst_col) for t, d in zip(self.targets, self.dsts)]
+
+
 @dataclass(frozen=True)
 class Bucket:
     items: tuple[int, ...]
-    transfers: tuple[int, ...]
+    fanouts: tuple[int, ...]
 
 
 @dataclass
@@ -159,9 +182,18 @@ class Plan:
     units: list[WriteUnit]
     targets: list[Target]
     items: list[ReadItem]
-    transfers: list[Transfer]
+    fanouts: list[Fanout]
     buckets: list[Bucket]
     _by_rank: dict | None = field(default=None, repr=False)
+
+    @property
+    def transfers(self) -> list[Transfer]:
+        """Every transfer, one per (fanout, target): for inspecting small plans."""
+        return [t for f in self.fanouts for t in f.transfers()]
+
+    @property
+    def transfer_count(self) -> int:
+        return sum(len(f.targets) for f in self.fanouts)
 
     def rank_view(self, rank: int) -> RankPlan:
         if not 0 <= rank < self.world:
@@ -174,12 +206,15 @@ class Plan:
             reads.append([self.items[i] for i in b.items if self.items[i].reader == rank])
             s: dict[int, list[Transfer]] = defaultdict(list)
             r: dict[int, list[Transfer]] = defaultdict(list)
-            for ti in b.transfers:
-                t = self.transfers[ti]
-                if t.src == rank:
-                    s[t.dst].append(t)
-                if t.dst == rank:
-                    r[t.src].append(t)
+            for fi in b.fanouts:
+                f = self.fanouts[fi]
+                if f.src != rank and rank not in f.dsts:
+                    continue
+                for t in f.transfers():
+                    if t.src == rank:
+                        s[t.dst].append(t)
+                    if t.dst == rank:
+                        r[t.src].append(t)
             sends.append(dict(s))
             recvs.append(dict(r))
         return RankPlan(rank, units, targets, reads, sends, recvs)
@@ -197,13 +232,14 @@ class Plan:
             inflight = [0] * self.world
             for i in b.items:
                 inflight[self.items[i].reader] += self.items[i].nbytes
-            for ti in b.transfers:
-                t = self.transfers[ti]
-                inflight[t.src] += t.nbytes
-                inflight[t.dst] += t.nbytes
-                if t.src != t.dst:
-                    acc[t.src]["bytes_sent"] += t.nbytes
-                    acc[t.dst]["bytes_received"] += t.nbytes
+            for fi in b.fanouts:
+                f = self.fanouts[fi]
+                inflight[f.src] += f.nbytes * len(f.dsts)
+                for d in f.dsts:
+                    inflight[d] += f.nbytes
+                    if d != f.src:
+                        acc[f.src]["bytes_sent"] += f.nbytes
+                        acc[d]["bytes_received"] += f.nbytes
             for r in range(self.world):
                 acc[r]["peak_bucket_bytes"] = max(acc[r]["peak_bucket_bytes"], inflight[r])
         for a in acc:  # an upper bound: legacy and HF files are freed once written, torch_dist at the end
@@ -319,16 +355,28 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
     experts_per_rank = cfg.num_experts // layout.ep if cfg.num_experts else 0
     out: list[tuple[tuple, Target]] = []
 
+    # A rule's shard geometry depends on its HF shapes and the TP rank, not on which layer or expert it is:
+    # computed once per (rule, shapes, tp, rank) and given each instance's names (a 671B legacy plan has
+    # 237k expert shards of a handful of geometries).
+    geometry: dict[tuple, tuple] = {}
+
     def add_legacy(unit_keys, container, key, rule, names, tp, tp_rank):
         """One rank file's tensor, the same in every file of `unit_keys` (a dense shard's EP copies)."""
-        shapes = [index[n].shape for n in names]
-        blks = rule.blocks(impl, shapes, names, cfg, tp, tp_rank, padded_vocab)
-        pieces, row = [], 0
-        for b in blks:
-            pieces.extend(Piece(p.source, p.rows, p.cols, p.dst_row + row) for p in b.pieces)
-            row += b.shape[0]
-        shape = (1,) * rule.unsqueeze + (row,) + blks[0].shape[1:]
-        target = Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]], rule), tuple(pieces),
+        shapes = tuple(index[n].shape for n in names)
+        geo = geometry.get((id(rule), shapes, tp, tp_rank))
+        if geo is None:
+            blks = rule.blocks(impl, list(shapes), names, cfg, tp, tp_rank, padded_vocab)
+            slot = {n: k for k, n in enumerate(names)}
+            template, row = [], 0
+            for b in blks:
+                template.extend((slot.get(p.source), p.rows, p.cols, p.dst_row + row) for p in b.pieces)
+                row += b.shape[0]
+            shape = (1,) * rule.unsqueeze + (row,) + blks[0].shape[1:]
+            geo = geometry[(id(rule), shapes, tp, tp_rank)] = (shape, template)
+        shape, template = geo
+        pieces = tuple(Piece(None if k is None else names[k], rows, cols, dst_row)
+                       for k, rows, cols, dst_row in template)
+        target = Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]], rule), pieces,
                         lead=rule.unsqueeze)
         out.extend((unit_key, target) for unit_key in unit_keys)
 
@@ -435,20 +483,28 @@ def _piece_bytes(src: SourceTensor, p: Piece, rows: tuple[int, int]) -> int:
 
 def read_item(index: int, src: SourceTensor, rows: tuple[int, int], reader: int) -> ReadItem:
     """The positional read of rows [a, b) of `src` (a torch.save blob is read whole)."""
+    return ReadItem(index, src.name, src.file, *_read_span(src, rows), reader, src.encoding, _scale_span(src, rows))
+
+
+def _scale_span(src: SourceTensor, rows: tuple[int, int]) -> tuple[str, int, int] | None:
+    """(file, offset, nbytes) of the FP8 block-scale rows that rows [a, b) of `src` need, else None."""
+    if src.scale is None or src.encoding == "torch_save":
+        return None
+    lo, hi = scale_rows(src, rows)
+    return src.scale.file, src.scale.offset + lo * src.scale.row_bytes, (hi - lo) * src.scale.row_bytes
+
+
+def _read_span(src: SourceTensor, rows: tuple[int, int], scale: tuple | None = None):
+    """(rows, offset, nbytes) of the read of rows [a, b) of `src`; nbytes counts the scale rows too."""
     if src.encoding == "torch_save":
-        return ReadItem(index, src.name, src.file, (0, src.rows), src.offset, src.nbytes, reader, src.encoding)
-    nbytes = (rows[1] - rows[0]) * src.stored_row_bytes
-    aux = None
-    if src.scale is not None:
-        lo, hi = scale_rows(src, rows)
-        aux = (src.scale.file, src.scale.offset + lo * src.scale.row_bytes, (hi - lo) * src.scale.row_bytes)
-        nbytes += aux[2]
-    return ReadItem(index, src.name, src.file, rows, src.offset + rows[0] * src.stored_row_bytes, nbytes, reader,
-                    src.encoding, aux)
+        return (0, src.rows), src.offset, src.nbytes
+    scale = scale if scale is not None else _scale_span(src, rows)
+    return (rows, src.offset + rows[0] * src.stored_row_bytes,
+            (rows[1] - rows[0]) * src.stored_row_bytes + (scale[2] if scale else 0))
 
 
 def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, SourceTensor], world: int,
-                max_item_bytes: int, max_sent_bytes: int) -> tuple[list[ReadItem], list[Transfer]]:
+                max_item_bytes: int, max_sent_bytes: int) -> tuple[list[ReadItem], list[Fanout]]:
     uses: dict[str, list[tuple[Piece, Target]]] = defaultdict(list)
     for t in targets:
         for p in t.pieces:
@@ -458,15 +514,30 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
     writer_of_unit = {u.index: u.writer for u in units}
 
     def consumers(src: SourceTensor, covering: list[tuple[Piece, Target]]):
-        """(piece, target, bytes per row, writer) of each consumer, and the rank that writes the most of
-        them (by bytes per row): computed once for all the runs a cut is split into."""
-        out, by_writer = [], defaultdict(int)
-        for p, t in covering:
-            width = _piece_bytes(src, p, (0, 1))
+        """(piece, bytes per row, targets, their writers) of each group of consumers placing the run alike,
+        and the rank that writes the most of them (by bytes per row): computed once for all the runs a cut is
+        split into."""
+        if len(covering) == 1:  # most runs (an expert's rows for one TP shard): one consumer
+            p, t = covering[0]
             w = writer_of_unit[t.unit]
-            out.append((p, t, width, w))
-            by_writer[w] += width
-        return out, min(by_writer, key=lambda r: (-by_writer[r], r))
+            return [(p, _piece_bytes(src, p, (0, 1)), (t.index,), (w,))], w
+        # Grouped by the piece object: the EP copies of a legacy dense target share theirs (equal pieces
+        # that are separate objects just stay separate fanouts).
+        groups: dict[int, tuple[Piece, list, list]] = {}
+        for p, t in covering:
+            g = groups.get(id(p))
+            if g is None:
+                g = groups[id(p)] = (p, [], [])
+            g[1].append(t.index)
+            g[2].append(writer_of_unit[t.unit])
+        out, by_writer = [], {}
+        for p, ts, ws in groups.values():
+            width = _piece_bytes(src, p, (0, 1))
+            out.append((p, width, tuple(ts), tuple(ws)))
+            for w in ws:
+                by_writer[w] = by_writer.get(w, 0) + width
+        most = max(by_writer.values())
+        return out, min(w for w, n in by_writer.items() if n == most)
 
     # Cut each source into row runs at every piece boundary (and at the size cap); a run's consumers
     # are then whole, so each run is read once and fanned out.
@@ -486,20 +557,20 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             # A run sent to many files (dense weights duplicated across EP rank files) is cut finer, so
             # that the reader's send buffers, not just its read, fit in a bucket beside the read: by the
             # bytes each row really fans out to (a row-parallel piece carries only its columns).
-            sent_per_row = sum(c[2] for c in group[0])
+            sent_per_row = sum(width * len(ts) for _, width, ts, _ in group[0])
             rows_cap = max(1, min(max_item_bytes // max(1, src.row_bytes), max_sent_bytes // max(1, sent_per_row)))
             for a in range(lo, hi, rows_cap):
                 runs.append((src, (a, min(hi, a + rows_cap)), group))
 
-    planned = [read_item(-1, src, rows, 0) for src, rows, _ in runs]
-    total = sum(i.nbytes for i in planned)
-    biggest = max((i.nbytes for i in planned), default=0)
+    scales = [_scale_span(src, rows) for src, rows, _ in runs]
+    planned = [_read_span(src, rows, scale) for (src, rows, _), scale in zip(runs, scales)]
+    total = sum(span[2] for span in planned)
+    biggest = max((span[2] for span in planned), default=0)
     cap = total / world + biggest
     load = [0] * world
     heap = [(0, r) for r in range(world)]
-    items, transfers = [], []
-    for (src, rows, (group, pref)), item in zip(runs, planned):
-        nbytes = item.nbytes
+    items, fanouts = [], []
+    for (src, rows, (group, pref)), (read_rows, offset, nbytes), scale in zip(runs, planned, scales):
         # Locality first: the rank that writes most of this run reads it, unless that breaks balance.
         if load[pref] + nbytes <= cap:
             reader = pref
@@ -511,36 +582,37 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
             reader = r
         load[reader] += nbytes
         heapq.heappush(heap, (load[reader], reader))
-        item = ReadItem(len(items), item.source, item.file, item.rows, item.offset, nbytes, reader, item.encoding,
-                        item.aux)
+        item = ReadItem(len(items), src.name, src.file, read_rows, offset, nbytes, reader, src.encoding, scale)
         items.append(item)
         whole = src.encoding != "torch_save"  # a row run lies inside each consumer; a whole blob may not
         n = rows[1] - rows[0]
-        for p, t, width, w in group:
+        for p, width, ts, ws in group:
             lo, hi = rows if whole else (max(rows[0], p.rows[0]), min(rows[1], p.rows[1]))
-            transfers.append(Transfer(len(transfers), item.index, t.index, (lo, hi), p.cols,
-                                      p.dst_row + lo - p.rows[0], (n if whole else hi - lo) * width, reader, w,
-                                      p.dst_col))
-    return items, transfers
+            fanouts.append(Fanout(len(fanouts), item.index, ts, ws, (lo, hi), p.cols, p.dst_row + lo - p.rows[0],
+                                  (n if whole else hi - lo) * width, reader, p.dst_col))
+    return items, fanouts
 
 
-def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, bucket_bytes: int) -> list[Bucket]:
+def _plan_buckets(items: list[ReadItem], fanouts: list[Fanout], world: int, bucket_bytes: int) -> list[Bucket]:
     """Round-robin over readers so every rank reads in every bucket, within per-rank byte bounds.
 
     A rank whose next item does not fit is done for this bucket (in-flight bytes only grow), so each
     bucket costs one pass over the ranks still reading plus its items.
     """
-    out_of: dict[int, list[Transfer]] = defaultdict(list)
-    for t in transfers:
-        out_of[t.item].append(t)
-    need: list[dict[int, int]] = []
+    # _plan_reads makes each item's fanouts in item order: item i's are fanouts[first[i]:first[i + 1]].
+    first = [0] * (len(items) + 1)
+    for f in fanouts:
+        first[f.item + 1] += 1
+    for i in range(len(items)):
+        first[i + 1] += first[i]
+    need: list[tuple[tuple[int, int], ...]] = []  # (rank, bytes) an item puts in flight: its read, sends, receives
     for it in items:
-        n: dict[int, int] = defaultdict(int)
-        n[it.reader] += it.nbytes
-        for t in out_of[it.index]:
-            n[t.src] += t.nbytes
-            n[t.dst] += t.nbytes
-        need.append(n)
+        n = {it.reader: it.nbytes}
+        for f in fanouts[first[it.index]:first[it.index + 1]]:
+            n[f.src] = n.get(f.src, 0) + f.nbytes * len(f.dsts)
+            for d in f.dsts:
+                n[d] = n.get(d, 0) + f.nbytes
+        need.append(tuple(n.items()))
     queues = [[] for _ in range(world)]
     for it in items:
         queues[it.reader].append(it.index)
@@ -548,16 +620,22 @@ def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, 
     active = [r for r in range(world) if queues[r]]
     buckets = []
     while active:
-        inflight: dict[int, int] = defaultdict(int)
+        inflight = [0] * world
         chosen: list[int] = []
         open_ranks = list(active)
         while open_ranks:
             still_open = []
             for r in open_ranks:
                 i = queues[r][heads[r]]
-                if chosen and any(inflight[q] + n > bucket_bytes for q, n in need[i].items()):
+                fits = True
+                if chosen:
+                    for q, n in need[i]:
+                        if inflight[q] + n > bucket_bytes:
+                            fits = False
+                            break
+                if not fits:
                     continue
-                for q, n in need[i].items():
+                for q, n in need[i]:
                     inflight[q] += n
                 chosen.append(i)
                 heads[r] += 1
@@ -566,7 +644,7 @@ def _plan_buckets(items: list[ReadItem], transfers: list[Transfer], world: int, 
             open_ranks = still_open
         active = [r for r in active if heads[r] < len(queues[r])]
         chosen.sort()
-        buckets.append(Bucket(tuple(chosen), tuple(t.index for i in chosen for t in out_of[i])))
+        buckets.append(Bucket(tuple(chosen), tuple(f for i in chosen for f in range(first[i], first[i + 1]))))
     return buckets
 
 
@@ -675,12 +753,15 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
         unit_keys.setdefault(key, len(unit_keys))
     unit_bytes = [0] * len(unit_keys)
     targets = []
+    sizes: dict[int, int] = {}  # by id: a legacy dense target is one object for its 32 EP copies
     for key, t in pairs:
         u = unit_keys[key]
-        t = Target(len(targets), u, t.container, t.key, t.shape, t.dtype, t.pieces, t.global_shape,
-                   t.global_offset, t.lead)  # not dataclasses.replace: this runs once per target
-        unit_bytes[u] += t.nbytes
-        targets.append(t)
+        nbytes = sizes.get(id(t))
+        if nbytes is None:
+            nbytes = sizes[id(t)] = t.nbytes
+        unit_bytes[u] += nbytes
+        targets.append(Target(len(targets), u, t.container, t.key, t.shape, t.dtype, t.pieces, t.global_shape,
+                              t.global_offset, t.lead))  # not dataclasses.replace: this runs once per target
     first_target: dict[int, Target] = {}
     for t in targets:
         first_target.setdefault(t.unit, t)
@@ -699,7 +780,7 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     # An item's sends may fill what a bucket leaves beside its read: fewer, larger transfers for runs fanned
     # out to many files (the 671B legacy plan at TP8 x EP32: 4.8M transfers with sends capped at the item size).
     max_sent_bytes = max(max_item_bytes, bucket_bytes - max_item_bytes)
-    items, transfers = _plan_reads(targets, units, index, world, max_item_bytes, max_sent_bytes)
-    buckets = _plan_buckets(items, transfers, world, bucket_bytes)
+    items, fanouts = _plan_reads(targets, units, index, world, max_item_bytes, max_sent_bytes)
+    buckets = _plan_buckets(items, fanouts, world, bucket_bytes)
     source_bytes = sum(i.nbytes for i in items)
-    return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, transfers, buckets)
+    return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, fanouts, buckets)

@@ -71,7 +71,7 @@ def check_plan(plan, index):
     # Buckets partition the items and carry exactly their transfers.
     seen = sorted(i for b in plan.buckets for i in b.items)
     assert seen == list(range(len(plan.items)))
-    assert sorted(t for b in plan.buckets for t in b.transfers) == list(range(len(plan.transfers)))
+    assert sorted(f for b in plan.buckets for f in b.fanouts) == list(range(len(plan.fanouts)))
     # Reading is balanced: no rank reads more than its share plus one item.
     acc = plan.accounting()
     for a in acc:
@@ -90,6 +90,23 @@ def test_plan_properties(params):
     config, index = synthetic(cfg, "F32")
     plan = make_plan(family_for(cfg["architectures"][0]), index, config, layout, world, bucket, max_item)
     check_plan(plan, index)
+
+
+@pytest.mark.parametrize("world", [3, 16])
+def test_ep_copies_of_dense_shards_are_one_fanout(world):
+    """Legacy EP files each hold the dense TP shard: the plan holds one fanout per run for the copies, and a
+    rank's view one transfer per copy (check_plan checks the expanded transfers like any others)."""
+    import synthetic as syn
+
+    cfg = dict(syn.MIXTRAL_8X22B, num_hidden_layers=2, hidden_size=64, intermediate_size=32, num_attention_heads=8,
+               num_key_value_heads=4, vocab_size=100)
+    config, index = synthetic(cfg, "F32")
+    plan = make_plan(family_for("MixtralForCausalLM"), index, config, TargetLayout(tp=2, ep=4, ckpt_format="torch"),
+                     world, 1 << 20, 4096)
+    check_plan(plan, index)
+    dense = [f for f in plan.fanouts if "experts" not in plan.targets[f.targets[0]].key]
+    assert dense and all(len(f.targets) >= 4 for f in dense)  # the 4 EP files' copies of each dense shard
+    assert plan.transfer_count == len(plan.transfers) > len(plan.fanouts)
 
 
 def test_plan_is_deterministic():

@@ -1,12 +1,13 @@
 """Bytes as read -> bytes as planned, for the source encodings a read item may carry (see
-`SourceTensor.encoding`): torch_dist chunks stored as torch.save blobs, and FP8 block-quantized rows."""
+`SourceTensor.encoding`): torch_dist chunks stored as torch.save blobs, FP8 block-quantized rows, and expert
+slabs of fused HF expert tensors whose axes are permuted."""
 
 from __future__ import annotations
 
 import torch
 
 from .block_fp8 import dequantize
-from .dtypes import DTYPE_NAMES
+from .dtypes import DTYPE_NAMES, TORCH_DTYPES
 from .errors import ConversionError
 from .rank_plan import ReadItem, read_item
 from .safe_pickle import load_tensor_blob
@@ -22,12 +23,23 @@ def decode(item: ReadItem, raw: torch.Tensor, index: dict[str, SourceTensor],
     src = index[item.source]
     if item.encoding == "fp8_block":
         return dequantize(raw, src, item.rows, device)
+    if item.encoding == "permuted":
+        return permuted(raw, src)
     t = load_tensor_blob(raw.numpy().tobytes(), f"{item.file}: chunk {item.source}")
     data = t.contiguous().view(-1).view(torch.uint8)
     if data.numel() != src.data_bytes or DTYPE_NAMES.get(t.dtype) != src.dtype:
         raise ConversionError(f"{item.file}: chunk {item.source} holds {t.dtype} {list(t.shape)}, the metadata "
                               f"says {src.dtype} {list(src.shape)}")
     return data
+
+
+def permuted(raw: torch.Tensor, src: SourceTensor) -> torch.Tensor:
+    """A slab as stored (`src.stored_shape`) with its axes permuted by `src.perm`, row-major bytes."""
+    dtype = TORCH_DTYPES[src.dtype]
+    if raw.storage_offset() % dtype.itemsize:
+        raw = raw.clone()  # a slab after an odd byte count is unaligned for a typed view
+    slab = raw.view(dtype).view(src.stored_shape)
+    return slab.permute(src.perm).contiguous().view(-1).view(torch.uint8)
 
 
 def read_rows(reader, src: SourceTensor, rows: tuple[int, int], index: dict[str, SourceTensor]) -> torch.Tensor:

@@ -275,8 +275,9 @@ def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
         moe_ffn_hidden_size=_int(cfg, moe_ffn_key, path),
         moe_topk=_int(cfg, "num_experts_per_tok", path, default=2),
         shared_expert_ffn_hidden_size=_int(cfg, "shared_expert_intermediate_size", path, default=0, minimum=0),
-        # Mixtral always renormalises the top-k weights; the Qwens only when asked.
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", cfg.get("model_type") == "mixtral")),
+        # Mixtral always renormalises the top-k weights (GPT-OSS takes its softmax over the top-k logits, the
+        # same); the Qwens only when asked.
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", cfg.get("model_type") in ("mixtral", "gpt_oss"))),
         moe_layers=tuple(i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)),
     )
 

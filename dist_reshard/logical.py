@@ -84,7 +84,7 @@ class MegatronCheckpoint:
     def _rows(self, stored: str, rows: tuple[int, int]) -> torch.Tensor:
         st = self.source.stored[stored]
         dtype = TORCH_DTYPES[st.dtype]
-        if st.encoding != "torch_save":
+        if not st.read_whole:
             return read_rows(self._reader, st, rows, self.source.stored).view(dtype).view(rows[1] - rows[0], -1)
         if self._blob is None or self._blob[0] != stored:
             self._blob = (stored, read_rows(self._reader, st, (0, st.rows), self.source.stored).view(dtype))

@@ -182,6 +182,9 @@ class Family:
     def check_layout(self, layout, cfg: ModelConfig) -> None:
         """Family-specific refusals of a target layout."""
 
+    def check_export(self, cfg: ModelConfig) -> None:
+        """Family-specific refusals of the way back to HF safetensors."""
+
     def source_index(self, index: dict, cfg: ModelConfig) -> dict:
         """An HF folder's tensors under the names the table uses (older checkpoint layouts renamed)."""
         return index

@@ -48,7 +48,31 @@ def apply_cpu_patches() -> None:
     from megatron.core.transformer import multi_latent_attention
 
     multi_latent_attention.HAVE_TE = False
+    # The sliding-window mask is built on "cuda" by name.
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    def sliding_window_mask_on_cpu(sq, skv, window_size, _build=transformer_utils.get_sliding_window_causal_mask):
+        with _cuda_as_cpu():
+            return _build(sq, skv, window_size)
+
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_mask_on_cpu
     _PATCHED = True
+
+
+@contextlib.contextmanager
+def _cuda_as_cpu():
+    """torch.ones(..., device="cuda") inside Megatron helpers lands on the CPU."""
+    ones = torch.ones
+
+    def on_cpu(*a, device=None, **k):
+        return ones(*a, device="cpu" if device == "cuda" else device, **k)
+
+    torch.ones = on_cpu
+    try:
+        yield
+    finally:
+        torch.ones = ones
 
 
 def init_parallel(tp: int, pp: int, vpp: int | None = None, ep: int = 1, etp: int | None = None,
@@ -95,7 +119,25 @@ def _transformer_config(args: Namespace):
 
     if getattr(args, "multi_latent_attention", False):
         return MLATransformerConfig(**_common_config(args), **_mla_config(args))
-    return TransformerConfig(**_common_config(args))
+    config = TransformerConfig(**_common_config(args))
+    # GPTModel reads YaRN's fields off the config by name; TransformerConfig does not declare them.
+    for k, v in vars(args).items():
+        if k.startswith("yarn_"):
+            setattr(config, k, v)
+    return config
+
+
+def _activation(args: Namespace) -> dict:
+    """Megatron-LM's activation flags as TransformerConfig fields (swiglu, quick-GEGLU with its offset and
+    clamp, else GELU)."""
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    if getattr(args, "quick_geglu", False):
+        return dict(gated_linear_unit=True, activation_func=quick_gelu, bias_activation_fusion=False,
+                    glu_linear_offset=args.glu_linear_offset,
+                    activation_func_clamp_value=args.activation_func_clamp_value)
+    return dict(gated_linear_unit=args.swiglu,
+                activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu)
 
 
 def _mla_config(args: Namespace) -> dict:
@@ -116,8 +158,10 @@ def _common_config(args: Namespace) -> dict:
         num_attention_heads=args.num_attention_heads,
         num_query_groups=args.num_query_groups,
         kv_channels=args.kv_channels,
-        gated_linear_unit=args.swiglu,
-        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        **_activation(args),
+        softmax_type=getattr(args, "softmax_type", "vanilla"),
+        window_size=tuple(args.window_size) if getattr(args, "window_size", None) else None,
+        window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
         normalization=args.normalization,
         layernorm_epsilon=args.norm_epsilon,
         add_bias_linear=args.add_bias_linear,
@@ -200,7 +244,7 @@ def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-            position_embedding_type="rope",
+            position_embedding_type=getattr(args, "position_embedding_type", "rope"),
             rotary_percent=args.rotary_percent,
             rotary_base=args.rotary_base,
             rope_scaling=bool(args.use_rope_scaling),

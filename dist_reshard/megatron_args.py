@@ -51,7 +51,7 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         add_qkv_bias=qkv_bias,
         add_bias_linear=False,
         untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
-        window_size=(cfg.sliding_window, 0) if cfg.sliding_window else None,
+        window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,  # see _gpt_oss_args
         **_moe_args(cfg, layout),
         # Vocabulary.
         padded_vocab_size=padded_vocab,
@@ -86,7 +86,43 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
     vars(args).update(_mla_args(cfg))  # MLA replaces some of the attention fields above
     vars(args).update(llava_args(cfg))  # the vision encoder and projector of a LLaVA model
     vars(args).update(_hybrid_args(cfg))  # so do Mamba hybrids
+    vars(args).update(_gpt_oss_args(cfg))
     return args
+
+
+def _gpt_oss_args(cfg: ModelConfig) -> dict:
+    """GPT-OSS under Megatron-LM's flags (`--softmax-type learnable --quick-geglu --glu-linear-offset 1
+    --activation-func-clamp-value L --window-size W-1,0 --window-attn-skip-freq`), YaRN as the TransformerConfig
+    fields GPTModel reads for `position_embedding_type="yarn"`. HF's window of W tokens is the query and the
+    W - 1 before it, Megatron's (left, right) counts the tokens beside the query. Sliding layers are listed
+    (1 = windowed), so any `layer_types` pattern is kept."""
+    if cfg.model_type != "gpt_oss":
+        return {}
+    scaling = cfg.rope_scaling or {}
+    types = cfg.raw.get("layer_types") or ["full_attention"] * cfg.num_layers
+    sliding = [int(t == "sliding_attention") for t in types]
+    window = cfg.sliding_window if any(sliding) else None
+    yarn = scaling.get("rope_type", scaling.get("type")) == "yarn"
+    return dict(
+        softmax_type="learnable",
+        add_bias_linear=True,
+        swiglu=False,
+        quick_geglu=True,
+        glu_linear_offset=1.0,
+        activation_func_clamp_value=float(cfg.raw.get("swiglu_limit", 7.0)),
+        window_size=(window - 1, 0) if window else None,
+        window_attn_skip_freq=sliding if window else None,
+        **(dict(position_embedding_type="yarn",
+                yarn_rotary_scaling_factor=float(scaling.get("factor", 1.0)),
+                yarn_original_max_position_embeddings=int(scaling.get("original_max_position_embeddings",
+                                                                      cfg.max_position_embeddings)),
+                yarn_beta_fast=float(scaling.get("beta_fast", 32.0)),
+                yarn_beta_slow=float(scaling.get("beta_slow", 1.0)),
+                yarn_mscale=float(scaling.get("mscale", 1.0)),
+                yarn_mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)),
+                yarn_correction_range_round_to_int=bool(scaling.get("truncate", True)))
+           if yarn else {}),
+    )
 
 
 # The output's own pipeline split: never carried over from a Megatron source laid out another way.

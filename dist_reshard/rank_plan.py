@@ -488,7 +488,7 @@ def read_item(index: int, src: SourceTensor, rows: tuple[int, int], reader: int)
 
 def _scale_span(src: SourceTensor, rows: tuple[int, int]) -> tuple[str, int, int] | None:
     """(file, offset, nbytes) of the FP8 block-scale rows that rows [a, b) of `src` need, else None."""
-    if src.scale is None or src.encoding == "torch_save":
+    if src.scale is None or src.read_whole:
         return None
     lo, hi = scale_rows(src, rows)
     return src.scale.file, src.scale.offset + lo * src.scale.row_bytes, (hi - lo) * src.scale.row_bytes
@@ -496,7 +496,7 @@ def _scale_span(src: SourceTensor, rows: tuple[int, int]) -> tuple[str, int, int
 
 def _read_span(src: SourceTensor, rows: tuple[int, int], scale: tuple | None = None):
     """(rows, offset, nbytes) of the read of rows [a, b) of `src`; nbytes counts the scale rows too."""
-    if src.encoding == "torch_save":
+    if src.read_whole:
         return (0, src.rows), src.offset, src.nbytes
     scale = scale if scale is not None else _scale_span(src, rows)
     return (rows, src.offset + rows[0] * src.stored_row_bytes,
@@ -545,7 +545,7 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
     for name in sorted(uses, key=lambda n: (index[n].file, index[n].offset)):
         src = index[name]
         pieces = uses[name]
-        if src.encoding == "torch_save":  # a torch_dist chunk: one read of the whole blob
+        if src.read_whole:  # a torch_dist chunk or a permuted slab: one read of the whole
             runs.append((src, (0, src.rows), consumers(src, pieces)))
             continue
         cuts = sorted({b for p, _ in pieces for b in p.rows})
@@ -584,7 +584,7 @@ def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, 
         heapq.heappush(heap, (load[reader], reader))
         item = ReadItem(len(items), src.name, src.file, read_rows, offset, nbytes, reader, src.encoding, scale)
         items.append(item)
-        whole = src.encoding != "torch_save"  # a row run lies inside each consumer; a whole blob may not
+        whole = not src.read_whole  # a row run lies inside each consumer; a whole blob may not
         n = rows[1] - rows[0]
         for p, width, ts, ws in group:
             lo, hi = rows if whole else (max(rows[0], p.rows[0]), min(rows[1], p.rows[1]))
@@ -733,6 +733,8 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     family.check(cfg)
     if layout.ckpt_format != "hf":
         family.check_layout(layout, cfg)
+    else:
+        family.check_export(cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
         pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg))

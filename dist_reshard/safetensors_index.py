@@ -39,10 +39,20 @@ class SourceTensor:
     # tensor (a torch_dist chunk), read whole and decoded; `nbytes` is then the blob's length.
     # "fp8_block": float8 rows stored as `stored_dtype`, decoded to `dtype` with the per-block factors of
     # `scale` (DeepSeek's `weight_scale_inv`, one float32 per `block` of rows x columns).
+    # "permuted": one expert's slab of a fused HF expert tensor, stored as `stored_shape` and read whole; the
+    # tensor is that slab with its axes permuted by `perm`, flattened to `shape` (see fused_experts.py).
     encoding: str | None = None
     stored_dtype: str | None = None
     scale: SourceTensor | None = None
     block: tuple[int, int] | None = None
+    stored_shape: tuple[int, ...] | None = None
+    perm: tuple[int, ...] | None = None
+
+    @property
+    def read_whole(self) -> bool:
+        """Read in one piece whatever rows are wanted: a torch.save blob, or a slab whose rows are not the
+        stored ones."""
+        return self.encoding in ("torch_save", "permuted")
 
     @property
     def itemsize(self) -> int:

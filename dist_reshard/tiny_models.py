@@ -47,6 +47,14 @@ VARIANTS = {
     "moonlight": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(_DEEPSEEK, q_lora_rank=None)),
 }
 
+# GPT-OSS, kept apart from VARIANTS (whose suites also convert back to HF): 4 experts, top 2, a sliding window of
+# 4 tokens on alternate layers (the logits checks run 12), and a GLU clamp low enough to bite at this scale.
+GPT_OSS_VARIANTS = {
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
+        head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
+        swiglu_limit=0.6, tie_word_embeddings=False)),
+}
+
 # Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in
 # 2 groups of B/C (state 16), so TP2 splits every section. Nemotron-H mixes the three layer kinds (its
 # 6-layer pattern puts an attention layer on each of 2 pipeline stages); Mamba-2 is mamba only.
@@ -66,7 +74,7 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
     import torch
     import transformers
 
-    config_cls, model_cls, extra = VARIANTS[variant] if variant in VARIANTS else HYBRID_VARIANTS[variant]
+    config_cls, model_cls, extra = {**VARIANTS, **HYBRID_VARIANTS, **GPT_OSS_VARIANTS}[variant]
     kw = dict(BASE, **extra)
     kw.update(overrides)
     config = getattr(transformers, config_cls)(**kw)
@@ -77,7 +85,8 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-            if name.endswith("bias") or name.endswith(("A_log", ".D")):  # incl. dt_bias, conv1d.bias
+            # incl. dt_bias, conv1d.bias, GPT-OSS's attention sinks
+            if name.endswith("bias") or name.endswith(("A_log", ".D", ".sinks")):
                 p.normal_(0.0, 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zeros at init; make it change which experts win

@@ -34,6 +34,16 @@ def run_cases(nproc: int, cases: list[dict], workdir) -> None:
     torchrun(nproc, "tests/workers/convert_many.py", path, timeout=900)
 
 
+def mcore_check(nproc: int, cases: list[dict], workdir) -> list[dict]:
+    """tests/workers/mcore_check.py on these cases (convert, load into Megatron-Core, logits vs HF): its results."""
+    path, out = os.path.join(str(workdir), "cases.json"), os.path.join(str(workdir), "results.json")
+    with open(path, "w") as f:
+        json.dump(cases, f)
+    torchrun(nproc, "tests/workers/mcore_check.py", path, out, timeout=900)
+    with open(out) as f:
+        return json.load(f)
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """Each family variant as a tiny seeded float32 HF folder with several safetensors shards."""

@@ -61,7 +61,8 @@ def full_megatron(hf: dict[str, torch.Tensor], config, tp: int, divisible_by: in
 
 
 COLUMN = ("linear_qkv.weight", "linear_qkv.bias", "word_embeddings.weight", "output_layer.weight",
-          "linear_q_proj.weight", "linear_q_up_proj.weight", "linear_kv_up_proj.weight")
+          "linear_q_proj.weight", "linear_q_up_proj.weight", "linear_kv_up_proj.weight",
+          "core_attention.softmax_offset")
 ROW = ("linear_proj.weight", "linear_fc2.weight")
 # MLA down projections: whole on every rank in the TE spec (duplicated), column-split in the local spec.
 LOCAL_COLUMN = ("linear_q_down_proj.weight", "linear_kv_down_proj.weight")
@@ -72,7 +73,7 @@ LOCAL_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.w
 
 
 def tp_shard(key: str, full: torch.Tensor, tp: int, r: int, impl: str = "transformer_engine") -> torch.Tensor:
-    if key.endswith("linear_fc1.weight"):
+    if key.endswith(("linear_fc1.weight", "linear_fc1.bias")):
         gate, up = full.chunk(2)
         return torch.cat([gate.chunk(tp)[r], up.chunk(tp)[r]])
     if key.endswith(COLUMN) or (impl == "local" and key.endswith(LOCAL_COLUMN)):

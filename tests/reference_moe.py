@@ -39,6 +39,8 @@ def layer(hf, config, i: int) -> dict[str, object]:
         out["mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
         out["mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
         return out
+    if config.architectures[0] == "GptOssForCausalLM":
+        return dict(out, **gpt_oss_moe(hf, p, num_experts(config)))
     router, prefix, gate, up, down = EXPERTS[config.architectures[0]]
     out["pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
     out["mlp.router.weight"] = hf[p + router]
@@ -58,6 +60,25 @@ def layer(hf, config, i: int) -> dict[str, object]:
         out["mlp.shared_experts.linear_fc2.weight"] = hf[s + "down_proj.weight"]
         out["mlp.shared_experts.gate_weight"] = hf[p + "mlp.shared_expert_gate.weight"]
     return out
+
+
+def gpt_oss_moe(hf, p: str, E: int) -> dict[str, object]:
+    """GPT-OSS: attention's output bias and sinks, the biased router, and experts unfused from HF's `x @ W`
+    tensors (gate in even columns, up in odd ones) into Megatron's `W @ x`, gate rows then up rows."""
+    a, x = p + "self_attn.", p + "mlp.experts."
+    gate_up, gate_up_bias = hf[x + "gate_up_proj"], hf[x + "gate_up_proj_bias"]
+    return {
+        "self_attention.linear_proj.bias": hf[a + "o_proj.bias"],
+        "self_attention.core_attention.softmax_offset": hf[a + "sinks"],
+        "pre_mlp_layernorm.weight": hf[p + "post_attention_layernorm.weight"],
+        "mlp.router.weight": hf[p + "mlp.router.weight"],
+        "mlp.router.bias": hf[p + "mlp.router.bias"],
+        "experts.linear_fc1.weight": [torch.cat([gate_up[e][:, 0::2].t(), gate_up[e][:, 1::2].t()]).contiguous()
+                                      for e in range(E)],
+        "experts.linear_fc1.bias": [torch.cat([gate_up_bias[e][0::2], gate_up_bias[e][1::2]]) for e in range(E)],
+        "experts.linear_fc2.weight": [hf[x + "down_proj"][e].t().contiguous() for e in range(E)],
+        "experts.linear_fc2.bias": [hf[x + "down_proj_bias"][e].clone() for e in range(E)],
+    }
 
 
 def mla_attention(hf, p: str) -> dict[str, torch.Tensor]:
@@ -94,10 +115,11 @@ def legacy_files(hf, config, tp: int, pp: int, ep: int, etp: int | None, impl: s
                 for j in range(sizes[p]):
                     for name, value in layer(hf, config, sum(sizes[:p]) + j).items():
                         if name.startswith("experts."):
-                            module = name[len("experts."):].rsplit(".", 1)[0]  # linear_fc1 / linear_fc2
+                            # linear_fc1 / linear_fc2, weight / bias
+                            module, param = name[len("experts."):].rsplit(".", 1)
                             for le in range(per_ep):
-                                key = (f"mlp.experts.{module}.weight{le}" if grouped
-                                       else f"mlp.experts.local_experts.{le}.{module}.weight")
+                                key = (f"mlp.experts.{module}.{param}{le}" if grouped
+                                       else f"mlp.experts.local_experts.{le}.{module}.{param}")
                                 sd[f"decoder.layers.{j}.{key}"] = tp_shard(name, value[k * per_ep + le], etp, r % etp)
                         else:
                             local = LOCAL_NAMES.get(name, name) if impl == "local" else name

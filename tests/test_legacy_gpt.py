@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import load_hf_state, run_cases, torchrun
+from conftest import load_hf_state, mcore_check, run_cases, torchrun
 from dist_reshard.errors import ConversionError
 from dist_reshard.tiny_models import BASE, VARIANTS, build_model, save_model
 from reference_legacy_gpt import legacy_gpt_files, to_old_qkv_order
@@ -246,12 +246,7 @@ def megatron_results(models, converted, tmp_path_factory):
         cases.append(dict(name=f"v{v}", load=old, hf=models["llama2"], format="torch_dist", tp=2, pp=1))
     for c in cases:
         c.update(src="mcore", save=str(root / c["name"]))
-    path, out = str(root / "cases.json"), str(root / "results.json")
-    with open(path, "w") as f:
-        json.dump(cases, f)
-    torchrun(2, "tests/workers/mcore_check.py", path, out, timeout=900)
-    with open(out) as f:
-        return {r["name"]: r for r in json.load(f)}
+    return {r["name"]: r for r in mcore_check(2, cases, root)}
 
 
 @pytest.mark.parametrize("name", ["gqa-dist", "qwen2-torch", "tied-dist", "megatron-lm-args", "v3.0"]

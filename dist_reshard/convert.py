@@ -7,10 +7,12 @@ ranks have written: ranks write into a staging folder beside `--save` that rank 
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
 import resource
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import __version__, collectives, faults, manifest, pass_through
+from . import __version__, collectives, destination, faults, manifest, pass_through
+from .destination import staging_path
 from .errors import ConversionError
 from .hf_source import mtp_tensors, open_hf_folder
 from .layout import DTYPE_FLAGS, TargetLayout
@@ -70,23 +73,8 @@ class RankReport:
     phases: dict = field(default_factory=dict)
 
 
-def staging_path(save: str) -> str:
-    save = os.path.abspath(save)
-    return os.path.join(os.path.dirname(save), f".{os.path.basename(save)}.dist_reshard-staging")
-
-
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _check_destination(opts: Options) -> None:
-    if os.path.exists(opts.save):
-        if not os.path.isdir(opts.save):
-            raise ConversionError(f"--save {opts.save}: exists and is not a directory")
-        if os.listdir(opts.save) and not opts.overwrite:
-            raise ConversionError(f"--save {opts.save}: exists and is not empty; pass --overwrite to replace it")
-    if os.path.abspath(opts.save) == os.path.abspath(opts.load):
-        raise ConversionError(f"--save {opts.save}: is the --load folder")
 
 
 def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, object, object, dict, object, int]:
@@ -120,8 +108,12 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
     return plan, cfg, family, index, source, dropped
 
 
+def _source_files(index: dict, source=None) -> list[str]:
+    return source.files if source is not None else sorted({t.file for t in index.values()})
+
+
 def _job_identity(opts: Options, index: dict, source=None) -> dict:
-    files = source.files if source is not None else sorted({t.file for t in index.values()})
+    files = _source_files(index, source)
     identity = {"tool": "dist_reshard", "version": __version__, "source": manifest.source_fingerprint(files),
                 "layout": dict(opts.layout.__dict__), "world_size": collectives.world()}
     if opts.layer_pattern:  # a GPT model laid out as a MambaModel (or back): part of what the output is
@@ -317,32 +309,29 @@ def _os_cause(e: BaseException) -> OSError | None:
     return None
 
 
+def _full_disk(folder: str) -> str | None:
+    """torch.save's C++ writer reports a short write as "unexpected pos", dropping the errno; a filesystem
+    left with (almost) nothing free is the reason then."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free < max(1 << 20, st.f_blocks * st.f_frsize // 1000):
+        return f"{os.strerror(errno.ENOSPC)}: {free} bytes left on the filesystem of {folder}"
+    return None
+
+
 def _write_error(opts: Options, e: BaseException) -> ConversionError:
     cause = _os_cause(e)
-    why = cause.strerror if cause else f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    why = cause.strerror if cause else _full_disk(staging_path(opts.save)) or (
+        f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     return ConversionError(f"--save {opts.save}: write failed ({why})")
-
-
-def _publish(opts: Options, staging: str) -> None:
-    """Rank 0 only: swap the finished staging folder into place. An existing --save (allowed only with
-    --overwrite) is moved aside first and deleted last, so a crash never leaves neither."""
-    old = None
-    if os.path.exists(opts.save):
-        old = staging.replace("-staging", "-replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(opts.save, old)
-    os.rename(staging, opts.save)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-    fd = os.open(os.path.dirname(os.path.abspath(opts.save)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def run(opts: Options) -> dict:
     """Run this rank's part of the job; returns the job report (complete on rank 0)."""
+    parent = os.getppid()  # under torchrun, its agent: gone before publishing means the job was stopped
     device = collectives.init(opts.device, opts.timeout_s)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)  # the report's peak is this job's (one process may run several)
@@ -360,8 +349,11 @@ def run(opts: Options) -> dict:
     plan = view = cfg = family = index = identity = source = None
     dropped = 0
     try:
-        _check_destination(opts)
+        destination.check_paths(opts.save, opts.load)
         plan, cfg, family, index, source, dropped = _plan(opts)
+        # Every path the source resolves through (a symlinked shard's real file too) is out of reach.
+        destination.check_paths(opts.save, opts.load, _source_files(index, source))
+        destination.check_destination(opts.save, opts.overwrite)
         view = plan.rank_view(me)
         identity = _job_identity(opts, index, source)
     except ConversionError as e:
@@ -372,41 +364,55 @@ def run(opts: Options) -> dict:
     if opts.dry_run:
         return _finish(report, plan, opts, dry_run=True, dropped=dropped)
 
-    staging = staging_path(opts.save)
-    key = manifest.job_key(identity)
-    err, done = None, {}
+    source_files = _source_files(index, source)
+    lock = destination.DestinationLock(opts.save) if me == 0 else None
     try:
-        if me == 0:
-            if os.path.exists(staging) and not opts.resume:
-                shutil.rmtree(staging)  # left by a killed run; never the user's --save
-            os.makedirs(staging if opts.layout.ckpt_format == "hf" else os.path.join(staging, ITERATION_DIR),
-                        exist_ok=True)
-            done = manifest.completed(staging, key) if opts.resume else {}
-    except OSError as e:
-        err = ConversionError(f"--save {opts.save}: cannot create staging folder {staging} ({e.strerror})")
-    collectives.agree(err, device)
-    done = collectives.broadcast_object(done)
-    if done:
-        # Resume: only the files not already complete are planned, read and written again.
-        if opts.layout.ckpt_format in ("torch", "hf"):
-            plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
-                             skip_paths=frozenset(done), source=source)
-            view = plan.rank_view(me)
-        elif not all(f in done for f in _dcp_files(collectives.world())):
-            done = {}  # DCP writes its files in one collective: redo them together
-    try:
-        _convert(opts, plan, view, cfg, family, source.stored if source else index, staging, report, phase, device,
-                 key, done, identity, source=source)
-    except ConversionError:
-        if me == 0:
-            shutil.rmtree(staging, ignore_errors=True)  # bad input or a full disk: nothing to resume
-        raise
-    except Exception as e:
-        # A peer died or a collective broke: keep the finished files for --resume.
-        raise ConversionError(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-                              f"(finished files kept in {staging}; rerun with --resume)") from e
-    return _finish(report, plan, opts, dry_run=False, dropped=dropped)
+        staging = staging_path(opts.save)
+        key = manifest.job_key(identity)
+        err, done = None, {}
+        try:
+            if me == 0:
+                lock.acquire()  # before anything beside --save is touched: another job's staging is its own
+                if os.path.exists(staging) and not opts.resume:
+                    shutil.rmtree(staging)  # left by a killed run; never the user's --save
+                os.makedirs(staging if opts.layout.ckpt_format == "hf" else os.path.join(staging, ITERATION_DIR),
+                            exist_ok=True)
+                # Resume keeps a finished file only while the source files are the very ones it was made from.
+                changed = manifest.source_changed(staging, source_files) if opts.resume else None
+                if changed:
+                    sys.stderr.write(f"dist_reshard: --resume: {changed}; every file is made again\n")
+                done = manifest.completed(staging, key) if opts.resume and not changed else {}
+                manifest.record_source(staging, source_files)
+        except ConversionError as e:
+            err = e
+        except OSError as e:
+            err = ConversionError(f"--save {opts.save}: cannot create staging folder {staging} ({e.strerror})")
+        collectives.agree(err, device)
+        done = collectives.broadcast_object(done)
+        if done:
+            # Resume: only the files not already complete are planned, read and written again.
+            if opts.layout.ckpt_format in ("torch", "hf"):
+                plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
+                                 skip_paths=frozenset(done), source=source)
+                view = plan.rank_view(me)
+            elif not all(f in done for f in _dcp_files(collectives.world())):
+                done = {}  # DCP writes its files in one collective: redo them together
+        try:
+            _convert(opts, plan, view, cfg, family, source.stored if source else index, staging, report, phase, device,
+                     key, done, identity, source=source, parent=parent)
+        except ConversionError:
+            if me == 0:
+                shutil.rmtree(staging, ignore_errors=True)  # bad input or a full disk: nothing to resume
+            raise
+        except Exception as e:
+            # A peer died or a collective broke: keep the finished files for --resume.
+            raise ConversionError(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                                  f"(finished files kept in {staging}; rerun with --resume)") from e
+        return _finish(report, plan, opts, dry_run=False, dropped=dropped)
 
+    finally:
+        if lock is not None:
+            lock.release()
 
 _HYBRID_ARGS = ("is_hybrid_model", "hybrid_override_pattern", "spec", "model_type_name")
 
@@ -452,7 +458,7 @@ def _write_hf_metadata(opts: Options, plan: Plan, cfg, family, source, staging: 
 
 
 def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, report, phase, device, key, done,
-             identity, source=None) -> None:
+             identity, source=None, parent: int = 0) -> None:
     me = view.rank
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
@@ -507,6 +513,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
         return data, err, reader.bytes_read + passed_through[0], time.perf_counter() - start
 
     phase("allocate")
+    pending: BaseException | None = None  # a failure after a bucket's exchange, agreed on at the next boundary
     try:
         ahead = pool.submit(read_bucket, 0) if view.reads else None
         for b in range(len(view.reads)):
@@ -517,32 +524,43 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             phase("read_wait")
             if err is None and writer is not None and writer.error is not None:
                 err = _write_error(opts, writer.error)  # a failed background write ends every rank now
+            err = err or pending
+            send_buf = send_splits = None
+            if err is None:
+                # Everything a rank does before the all-to-all can fail on that rank alone (bad bytes, a
+                # cast), so it happens before the agreement: a rank never skips an exchange its peers are in.
+                try:
+                    # A rank's transfers to itself skip the wire: copied from the read buffer into their targets.
+                    _copy_local(data, view.sends[b].get(me, ()), tensors, targets, source_dtype, plan.items)
+                    faults.maybe_fail(me, "exchange")
+                    if plan.world > 1:
+                        send_buf, send_splits = _pack(data, view.sends[b], plan.items, source_dtype, plan.world, me,
+                                                      pin=device.type == "cuda")
+                except Exception as e:  # noqa: BLE001 - agreed on right below
+                    err = e
             total_done = collectives.agree(err, device, progress=bytes_done)
             if bar is not None:
                 bar.update(total_done - bar.n)
-            # A rank's transfers to itself skip the wire: copied from the read buffer into their targets.
-            # With --loopback they go through the exchange like a peer's (`wire_self`: no rank is skipped).
-            wire_self = -1 if opts.loopback else me
-            if not opts.loopback:
-                _copy_local(data, view.sends[b].get(me, ()), tensors, targets, source_dtype, plan.items)
-            faults.maybe_fail(me, "exchange")
-            if plan.world > 1 or opts.loopback:
-                send_buf, send_splits = _pack(data, view.sends[b], plan.items, source_dtype, plan.world,
-                                              wire_self, pin=device.type == "cuda")
+            if plan.world > 1:
                 data = None  # the read buffers are no longer needed: only send + receive are in flight
-                recv_splits = [0 if s == wire_self else sum(t.nbytes for t in view.recvs[b].get(s, ()))
+                recv_splits = [0 if s == me else sum(t.nbytes for t in view.recvs[b].get(s, ()))
                                for s in range(plan.world)]
                 got = collectives.exchange_flat(send_buf, send_splits, recv_splits, device)
                 del send_buf
-                pos = 0
-                for s, size in enumerate(recv_splits):
-                    if size:
-                        _unpack(got[pos:pos + size], view.recvs[b][s], tensors, targets, source_dtype, plan.items)
-                    pos += size
+                try:  # a failure here is agreed on at the next bucket (or after the last one)
+                    pos = 0
+                    for s, size in enumerate(recv_splits):
+                        if size:
+                            _unpack(got[pos:pos + size], view.recvs[b][s], tensors, targets, source_dtype,
+                                    plan.items)
+                        pos += size
+                except Exception as e:  # noqa: BLE001
+                    pending = e
                 del got
             data = None
             for unit in due.pop(b, ()):
-                writer.submit(unit, _take_containers(view, unit, tensors))
+                if pending is None:
+                    writer.submit(unit, _take_containers(view, unit, tensors))
             phase("exchange")
     except BaseException:
         if writer is not None:
@@ -558,6 +576,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     report.bytes_sent = view.bytes_sent
     report.bytes_received = view.bytes_received
 
+    collectives.agree(pending, device)  # the last bucket's unpacking, before any collective write
     folder = os.path.join(staging, ITERATION_DIR)
     err, records = None, []
     try:
@@ -592,6 +611,14 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             err = _write_error(opts, e)
     tensors.clear()
     phase("write")
+    try:
+        faults.maybe_fail(me, "publish")
+    except Exception as e:  # noqa: BLE001 - agreed on below
+        err = err or e
+    # A rank whose launcher was killed is an orphan: the job was stopped, nothing may appear at --save.
+    orphaned = destination.launcher_gone(parent)
+    if err is None and orphaned:
+        err = ConversionError(orphaned)
     collectives.agree(err, device)
     everything = collectives.gather_objects(records)
     err = None
@@ -612,9 +639,14 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
                 "files": [{k: r[k] for k in ("path", "size", manifest.FILE_HASH)} for _, r in sorted(files.items())],
             })
             shutil.rmtree(os.path.join(staging, manifest.JOURNAL_DIR), ignore_errors=True)
-            _publish(opts, staging)
+            why = destination.launcher_gone(parent)
+            if why:
+                raise ConversionError(why)
+            destination.publish(opts.save, staging, opts.overwrite, opts.load, _source_files(index, source))
         except OSError as e:
             err = ConversionError(f"--save {opts.save}: cannot publish the checkpoint ({e.strerror})")
+        except Exception as e:  # noqa: BLE001 - rank 0's failure alone: agreed on, so no peer waits for it
+            err = e
     collectives.agree(err, device)
     phase("publish")
 

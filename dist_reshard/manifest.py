@@ -73,6 +73,49 @@ def source_fingerprint(files: list[str]) -> list[dict]:
     return out
 
 
+_SOURCE_RECORD = "source.json"
+
+
+def _source_state(files) -> dict[str, dict]:
+    """Each source file's identity on disk: an edit in place (a fine-tune saved over the same names, whose
+    headers are identical) changes its mtime, a replaced file its inode."""
+    out = {}
+    for path in sorted(set(files)):
+        st = os.stat(path)
+        out[os.path.realpath(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+                                       "device": st.st_dev}
+    return out
+
+
+def record_source(staging: str, files) -> None:
+    """Journal the source files a job reads (rank 0, before any file is written)."""
+    path = os.path.join(staging, JOURNAL_DIR, _SOURCE_RECORD)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(_source_state(files), f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(path + ".tmp", path)
+
+
+def source_changed(staging: str, files) -> str | None:
+    """Why the files an interrupted run finished cannot be kept (their source changed since), or None."""
+    try:
+        with open(os.path.join(staging, JOURNAL_DIR, _SOURCE_RECORD)) as f:
+            then = json.load(f)
+    except (OSError, ValueError):
+        return "no record of the source files the interrupted run read" if os.path.isdir(
+            os.path.join(staging, JOURNAL_DIR)) else None
+    now = _source_state(files)
+    for path in sorted(set(then) | set(now)):
+        if path not in now or path not in then:
+            return f"source file {path} was {'added' if path in now else 'removed'} since the interrupted run"
+        diff = [k for k in ("size", "mtime_ns", "inode", "device") if then[path].get(k) != now[path][k]]
+        if diff:
+            return f"source file {path} changed since the interrupted run ({', '.join(diff)})"
+    return None
+
+
 def _record_path(staging: str, rel: str) -> str:
     return os.path.join(staging, JOURNAL_DIR, hashlib.sha256(rel.encode()).hexdigest()[:32] + ".json")
 

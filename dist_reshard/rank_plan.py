@@ -314,10 +314,15 @@ def _check_shapes(rule: Rule, names: tuple[str, ...], index: dict[str, SourceTen
                                   f"config.json implies {list(shape)}")
 
 
-def _output_dtype(layout: TargetLayout, source: SourceTensor, rule: Rule | None = None) -> str:
-    if rule is not None and rule.keep_dtype:
-        return source.dtype
-    return DTYPES[layout.dtype] if layout.dtype else source.dtype
+def _output_dtype(layout: TargetLayout, parts: list[SourceTensor], rule: Rule | None = None) -> str:
+    """The dtype one output tensor is written in. Its HF parts (a fused QKV's q, k, v) must agree unless
+    --dtype says what to write: otherwise one of them would be cast silently (or bytes mixed)."""
+    keep = rule is not None and rule.keep_dtype
+    if (keep or not layout.dtype) and len({p.dtype for p in parts}) > 1:
+        raise ConversionError(f"{parts[0].file}: the parts of one output tensor differ in dtype ("
+                              + ", ".join(f"{p.name} {p.dtype}" for p in parts) + ")"
+                              + ("" if keep else "; pass --dtype to say which dtype to write"))
+    return DTYPES[layout.dtype] if layout.dtype and not keep else parts[0].dtype
 
 
 def _row_slices(offset: tuple, shape: tuple, pieces: tuple[Piece, ...], row_bytes: int,
@@ -376,7 +381,8 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         shape, template = geo
         pieces = tuple(Piece(None if k is None else names[k], rows, cols, dst_row)
                        for k, rows, cols, dst_row in template)
-        target = Target(-1, -1, container, key, shape, _output_dtype(layout, index[names[0]], rule), pieces,
+        dtype = _output_dtype(layout, [index[n] for n in names], rule)
+        target = Target(-1, -1, container, key, shape, dtype, pieces,
                         lead=rule.unsqueeze)
         out.extend((unit_key, target) for unit_key in unit_keys)
 
@@ -387,7 +393,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         lead_offset, lead_shape = lead_offset + (0,) * rule.unsqueeze, lead_shape + (1,) * rule.unsqueeze
         sections = rule.dist_sections(key, full, cfg)
         ones = (1,) * len(lead_offset)
-        dtype = _output_dtype(layout, index[names[0]], rule)
+        dtype = _output_dtype(layout, [index[n] for n in names], rule)
         # torch_dist chunks need not follow the TP split (Megatron reshards on load). Writing a small tensor
         # as one chunk keeps MoE models' tens of thousands of expert tensors from each becoming TP x 2
         # chunks, read items and transfers; large tensors keep TP chunks, which bound what one writer holds.

@@ -85,8 +85,53 @@ def _dcp_chunks(folder: str):
     return chunks
 
 
+def check_hf_against(out: str, src: str, dtype: str | None) -> list[str]:
+    """An HF output against the Megatron (or HF) checkpoint it was made from: every HF tensor equals the
+    source's logical tensor (cast to --dtype when one was given), one tensor at a time."""
+    from .layout import DTYPES
+    from .logical import open_checkpoint
+
+    got, want = open_checkpoint(out), open_checkpoint(src)
+    problems = [f"{out}: tensor {n} not in the output" for n in sorted(set(want.names()) - set(got.names()))]
+    problems += [f"{out}: tensor {n} not in the source" for n in sorted(set(got.names()) - set(want.names()))]
+    for name in sorted(set(want.names()) & set(got.names())):
+        actual, expected = got.tensor(name), want.tensor(name)
+        if dtype and actual.dtype != expected.dtype:
+            expected = expected.to(_TORCH_DTYPES[DTYPES[dtype]])
+        if not _same(actual, expected):
+            problems.append(f"{out}: tensor {name} differs from the source's")
+    return problems
+
+
+def _stored_args(out: str, layout: TargetLayout, plan):
+    """The Megatron args an output stores (its first rank file's, or common.pt's)."""
+    from .safe_pickle import read_pt_metadata
+
+    path = (os.path.join(out, plan.units[0].path) if layout.ckpt_format == "torch"
+            else os.path.join(out, "iter_0000001", "common.pt"))
+    state, _ = read_pt_metadata(path)
+    return path, state.get("args") if isinstance(state, dict) else None
+
+
+def check_args(out: str, layout: TargetLayout, plan, cfg, family, man: dict) -> list[str]:
+    """The stored args are the ones the converter writes for this source and layout, field by field."""
+    from types import SimpleNamespace
+
+    from .convert import _output_args
+
+    expected = vars(_output_args(SimpleNamespace(layout=layout), plan, cfg, family, None))
+    path, stored = _stored_args(out, layout, plan)
+    if stored is None:
+        return [f"{path}: no args namespace"]
+    stored = vars(stored)
+    return [f"{path}: args.{k} = {stored.get(k, '(missing)')!r}, the source gives {v!r}"
+            for k, v in sorted(expected.items()) if stored.get(k, ...) != v]
+
+
 def check_against(out: str, src: str) -> list[str]:
     man = read_manifest(out)
+    if man["layout"].get("ckpt_format") == "hf":
+        return check_hf_against(out, src, man["layout"].get("dtype"))
     layout = TargetLayout(**man["layout"])
     cfg, family, index = open_hf_folder(src)
     if man.get("layer_pattern"):  # a GPT model laid out as a MambaModel (--layer-pattern)
@@ -95,7 +140,7 @@ def check_against(out: str, src: str) -> list[str]:
         cfg, family = relayout(cfg, family, man["layer_pattern"])
     plan = make_plan(family, index, cfg, layout, man["world_size"])
     reader = RangeReader()
-    problems = []
+    problems = check_args(out, layout, plan, cfg, family, man)
     folder = os.path.join(out, "iter_0000001")
     try:
         if layout.ckpt_format == "torch":

@@ -63,12 +63,16 @@ def agree(error: BaseException | None, device: torch.device, progress: int = 0) 
         return int(flag[1].item())
     messages = gather_objects(None if error is None else str(error))
     if isinstance(error, ConversionError):
-        raise error
-    if error is not None:
+        agreed = error
+    elif error is not None:
         text = str(error).splitlines()[0] if str(error) else ""
-        raise ConversionError(f"{error.__class__.__name__}: {text}") from error
-    first = next(r for r, m in enumerate(messages) if m is not None)
-    raise ConversionError(f"{messages[first]} (reported by rank {first})")
+        agreed = ConversionError(f"{error.__class__.__name__}: {text}")
+        agreed.__cause__ = error
+    else:
+        first = next(r for r, m in enumerate(messages) if m is not None)
+        agreed = ConversionError(f"{messages[first]} (reported by rank {first})")
+    agreed.agreed = True  # every rank raises it together: they may leave together (see `shutdown`)
+    raise agreed
 
 
 def broadcast_object(obj, src: int = 0):
@@ -100,8 +104,12 @@ def exchange_flat(send_buf: torch.Tensor, send_splits: list[int], recv_splits: l
     return recv_buf
 
 
-def shutdown() -> None:
-    """Leave together: a rank tearing gloo down while a peer is still inside a collective aborts it."""
+def shutdown(error: BaseException | None = None) -> None:
+    """Leave together: a rank tearing gloo down while a peer is still inside a collective aborts it. After
+    an error this rank alone raised (inside a collective, where no agreement can follow) it leaves at once:
+    its peers then see the connection close (and torchrun stops them) rather than wait for --timeout."""
+    if error is not None and not getattr(error, "agreed", False):
+        return
     if dist.is_initialized():
         try:
             dist.barrier()

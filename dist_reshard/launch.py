@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         sys.stderr.write(f"dist_reshard: error: {e}\n")  # one write: ranks' lines never interleave
         sys.stderr.flush()
-        collectives.shutdown()
+        collectives.shutdown(e)
         return 1
     if collectives.rank() == 0:
         if ns.report:

@@ -29,6 +29,7 @@ from .megatron_args import PIPELINE_ARGS, megatron_args
 from .rank_plan import DEFAULT_BUCKET_BYTES, Plan, RankPlan, Target, make_plan
 from .reader import RangeReader
 from .safetensors_index import DTYPE_SIZES
+from .fused_experts import to_stored_layout
 from .writers import hf, legacy, torch_dist
 from .decode import decode
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES
@@ -220,7 +221,10 @@ def _take_containers(view: RankPlan, unit, tensors: dict[int, torch.Tensor]) -> 
     containers: dict[str, dict[str, torch.Tensor]] = {}
     for t in view.targets:
         if t.unit == unit.index:
-            containers.setdefault(t.container, {})[t.key] = tensors.pop(t.index)
+            tensor = tensors.pop(t.index)
+            if t.stored_layout is not None:  # a fused HF expert tensor, planned as its experts stacked
+                tensor = to_stored_layout(tensor, t.stored_layout)
+            containers.setdefault(t.container, {})[t.key] = tensor
     return containers
 
 

@@ -175,15 +175,13 @@ class Family:
     name: str
     architectures: tuple[str, ...]
     rules: tuple[Rule, ...]
+    fused: tuple = ()  # fused_experts.FusedExperts: HF tensors holding every expert of a layer
 
     def check(self, cfg: ModelConfig) -> None:
         """Family-specific refusals (features the table does not express)."""
 
     def check_layout(self, layout, cfg: ModelConfig) -> None:
         """Family-specific refusals of a target layout."""
-
-    def check_export(self, cfg: ModelConfig) -> None:
-        """Family-specific refusals of the way back to HF safetensors."""
 
     def source_index(self, index: dict, cfg: ModelConfig) -> dict:
         """An HF folder's tensors under the names the table uses (older checkpoint layouts renamed)."""

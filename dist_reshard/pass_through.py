@@ -62,6 +62,8 @@ def direct_reads(view: RankPlan, items, targets: dict[int, Target], index: dict)
             continue
         if sum(t.nbytes for t in transfers) != item.nbytes:
             continue  # bytes wanted twice (a norm in two TP files of this rank): read once, copied in memory
+        if any(targets[t.target].stored_layout is not None for t in transfers):
+            continue  # its bytes are rearranged before they are written
         src = index[item.source]
         shapes = [_geometry(t, src, targets[t.target]) for t in transfers]
         if all(g is not None and (_whole_rows(g) or g[1] >= MIN_ROW_BLOCK_BYTES) for g in shapes):

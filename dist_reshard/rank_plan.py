@@ -27,6 +27,7 @@ from .hf_config import ModelConfig
 from .layout import AUTO_MIN_CHUNK_BYTES, DTYPES, TargetLayout
 from .mapping import Family, Kind, Piece, Rule, full_shape, hf_shapes, instances, mtp_layer, name_pattern
 from .block_fp8 import scale_rows
+from .fused_experts import fused_targets
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
 DEFAULT_BUCKET_BYTES = 256 * 1024 * 1024
@@ -55,6 +56,9 @@ class Target:
     global_shape: tuple[int, ...] | None = None  # torch_dist only
     global_offset: tuple[int, ...] | None = None  # torch_dist only
     lead: int = 0  # torch_dist: leading singleton axes (layer, expert) before the tensor's own dims
+    # HF output of a fused expert tensor: planned as the per-expert tensors stacked, written as the file holds
+    # it (`fused_experts.FusedTarget.stored_layout`).
+    stored_layout: tuple | None = None
 
     @property
     def rows(self) -> int:
@@ -703,16 +707,27 @@ def kept_dtypes(family: Family, cfg: ModelConfig) -> set[str]:
 
 
 def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
-                     kept: set[str] = frozenset()) -> tuple[list, list[str]]:
+                     kept: set[str] = frozenset(), fused: tuple = ()) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
-    than that gets a file of its own), as save_pretrained does."""
-    names = sorted(logical, key=_hf_order)
+    than that gets a file of its own), as save_pretrained does. Per-expert tensors of a family's fused
+    expert tensors (`fused`, see fused_experts.py) are written as the fused tensors."""
+    stacks = {f.name: f for f in fused_targets(logical, fused, cfg)} if fused else {}
+    stacked = {n for f in stacks.values() for n in f.experts}
+    names = sorted([n for n in logical if n not in stacked] + list(stacks), key=_hf_order)
     files: list[list] = [[]]
     size = 0
     for n in names:
-        t = logical[n]
+        if n in stacks:
+            f = stacks[n]
+            t = logical[f.experts[0]]
+            per = t.rows
+            pieces = tuple(Piece(e, (0, per), None, k * per) for k, e in enumerate(f.experts))
+            shape, layout_kw = f.shape, dict(stored_layout=f.stored_layout)
+        else:
+            t = logical[n]
+            pieces, shape, layout_kw = (Piece(n, (0, t.rows), None, 0),), t.shape, {}
         dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept else t.dtype
-        target = Target(-1, -1, None, n, t.shape, dtype, (Piece(n, (0, t.rows), None, 0),))
+        target = Target(-1, -1, None, n, shape, dtype, pieces, **layout_kw)
         if files[-1] and size + target.nbytes > layout.max_shard_bytes:
             files.append([])
             size = 0
@@ -739,11 +754,9 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     family.check(cfg)
     if layout.ckpt_format != "hf":
         family.check_layout(layout, cfg)
-    else:
-        family.check_export(cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg))
+        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused)
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         max_chunk = layout.max_chunk_bytes or max(
@@ -769,7 +782,7 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
             nbytes = sizes[id(t)] = t.nbytes
         unit_bytes[u] += nbytes
         targets.append(Target(len(targets), u, t.container, t.key, t.shape, t.dtype, t.pieces, t.global_shape,
-                              t.global_offset, t.lead))  # not dataclasses.replace: this runs once per target
+                              t.global_offset, t.lead, t.stored_layout))  # not dataclasses.replace: runs once per target
     first_target: dict[int, Target] = {}
     for t in targets:
         first_target.setdefault(t.unit, t)

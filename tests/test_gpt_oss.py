@@ -2,7 +2,8 @@
 loads each output into real Megatron-Core on CPU (strict legacy load, torch_dist `dist_checkpointing.load`)
 with learnable softmax offsets (the sinks), biases everywhere, the clamped quick-GELU GLU, alternating
 sliding-window layers and YaRN, and compares the logits with HF's; the files equal the reference transform
-bit for bit. Variants Megatron-Core cannot express are refused by name, without a process group."""
+bit for bit, and both convert back to the HF folder's bytes in the same job. Variants Megatron-Core cannot
+express are refused by name, without a process group."""
 
 import json
 import os
@@ -25,12 +26,16 @@ def gpt_oss(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(gpt_oss, tmp_path_factory):
-    """Both formats converted, loaded into Megatron-Core and run: one 4-rank job (legacy TP2 x PP2, torch_dist
-    TP2 x DP2; EP2 x ETP1)."""
+    """Both formats converted, loaded into Megatron-Core and run, a reshard, both converted back: one 4-rank
+    job (legacy TP2 x PP2, torch_dist TP2 x DP2, the reshard TP1 x PP2 x DP2; EP2 x ETP1)."""
     root = tmp_path_factory.mktemp("gpt_oss_out")
     cases = [dict(LAYOUT, pp=2 if fmt == "torch" else 1, load=gpt_oss, save=str(root / fmt), format=fmt,
-                  impl="local") for fmt in ("torch", "torch_dist")]
-    return {r["format"]: r for r in mcore_check(4, cases, root)}
+                  impl="local", name=fmt, back=str(root / f"{fmt}-back")) for fmt in ("torch", "torch_dist")]
+    # torch_dist TP2 x EP2 resharded to legacy TP1 x PP2 x EP2, loaded with the HF model's logits.
+    reshard = dict(LAYOUT, tp=1, pp=2, src="mcore", load=cases[1]["save"], hf=gpt_oss, save=str(root / "reshard"),
+                   format="torch", impl="local", name="reshard")
+    back = [dict(dst="hf", load=c["save"], save=c["back"]) for c in cases]
+    return {r["name"]: r for r in mcore_check(4, cases + [reshard] + back, root)}
 
 
 def test_gpt_oss_megatron_logits_match_hf(converted):
@@ -38,9 +43,10 @@ def test_gpt_oss_megatron_logits_match_hf(converted):
         assert result["rel_diff"] <= 1e-4, (fmt, result["rel_diff"])
 
 
-def test_gpt_oss_files_equal_reference(converted, tmp_path):
+def test_gpt_oss_files_equal_reference(converted, gpt_oss, tmp_path):
     check_legacy(converted["torch"])
     check_torch_dist(converted["torch_dist"], tmp_path)
+    check_legacy(dict(converted["reshard"], load=gpt_oss))  # the reshard: as if converted from HF
 
 
 def test_gpt_oss_args_state_what_megatron_builds(converted):
@@ -108,14 +114,16 @@ def test_gpt_oss_fused_expert_of_wrong_shape_is_refused(gpt_oss, tmp_path):
         _plan(folder)
 
 
-def test_gpt_oss_way_back_is_refused_by_name(gpt_oss):
-    from dist_reshard.errors import ConversionError
-    from dist_reshard.families import family_for
-    from dist_reshard.hf_config import read_config
-
-    cfg = read_config(gpt_oss)
-    with pytest.raises(ConversionError, match="GptOssForCausalLM: converting Megatron back to HF is not supported"):
-        family_for(cfg.architecture).check_export(cfg)
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_gpt_oss_way_back_is_byte_identical(converted, gpt_oss, fmt):
+    """Megatron -> HF writes the fused expert tensors again: every tensor's bytes and the config as they were."""
+    original, back = load_hf_state(gpt_oss), load_hf_state(converted[fmt]["back"])
+    assert sorted(back) == sorted(original)
+    for name, t in original.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        assert torch.equal(back[name].view(torch.uint8), t.view(torch.uint8)), name
+    with open(os.path.join(gpt_oss, "config.json")) as f, open(os.path.join(converted[fmt]["back"], "config.json")) as g:
+        assert json.load(g) == json.load(f)
 
 
 def test_fused_expert_views_read_the_bytes_hf_holds(gpt_oss):

@@ -10,6 +10,7 @@ layer a MoE whose router and experts carry biases, experts fused in HF (see fuse
   Megatron's quick-GELU GLU with `glu_linear_offset` 1 and `activation_func_clamp_value` limit; Megatron's
   quick GELU fixes alpha at 1.702, so any other `swiglu_alpha` is refused.
 - MXFP4 sources (`*_blocks` + `*_scales`, as published) are refused until they are decoded on reading.
+- The way back writes the fused tensors again (fused_experts.py), byte for byte what the HF folder held.
 """
 
 from ..errors import ConversionError
@@ -88,17 +89,13 @@ class GptOss(Family):
             raise ConversionError(f"--etp {layout.expert_tp}: Megatron-Core supports biases in MoE layers only with "
                                   f"an expert tensor-parallel size of 1 (GPT-OSS's experts have biases); use --etp 1")
 
-    def check_export(self, cfg) -> None:
-        raise ConversionError(f"{cfg.architecture}: converting Megatron back to HF is not supported yet (HF fuses "
-                              f"the experts into gate_up_proj / down_proj, which the writer does not assemble)")
-
     def source_index(self, index: dict, cfg) -> dict:
         mxfp4 = sorted(n for n in index if n.endswith(("_blocks", "_scales")))
         if mxfp4:
             raise ConversionError(f"{index[mxfp4[0]].file}: tensor {mxfp4[0]!r} is MXFP4-quantized; MXFP4 expert "
                                   f"weights are not decoded yet ({len(mxfp4)} such tensors)")
-        return split_fused_experts(index, FUSED, cfg)
+        return split_fused_experts(index, self.fused, cfg)
 
 
 GPT_OSS = GptOss("gpt_oss", ("GptOssForCausalLM",),
-                 EMBEDDING + ATTENTION + SINKS_AND_OUTPUT_BIAS + MOE + FINAL)
+                 EMBEDDING + ATTENTION + SINKS_AND_OUTPUT_BIAS + MOE + FINAL, FUSED)

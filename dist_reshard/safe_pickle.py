@@ -8,7 +8,8 @@ of it is used. The list is what the pickles of real Megatron-LM checkpoints hold
 `tests/fixtures/megatron-lm-core_v0.16.1/`; `tests/test_safe_pickle.py` lists them): tensors and
 storages (plain, with Python attributes as Megatron's fp32 master copies carry, and Parameters),
 containers, `argparse.Namespace`, torch dtypes and sizes, DCP's metadata classes, `signal.Signals` and
-Megatron's enums in args, and the numpy RNG state, which is kept as an inert stand-in (never needed).
+Megatron's enums in args, TransformerEngine's `_extra_state` (a uint8 tensor, or a BytesIO in older
+releases), and the numpy RNG state, which is kept as an inert stand-in (never needed).
 
 Globals in the real files (Megatron-LM core_v0.16.1, dense and MoE, both formats): model_optim_rng.pt
 and common.pt: `argparse.Namespace`, `collections.OrderedDict`, `torch._utils._rebuild_tensor_v2`,
@@ -169,6 +170,7 @@ _PLAIN_GLOBALS: dict[tuple[str, str], object] = {
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset, ("builtins", "slice"): slice,
     ("builtins", "complex"): complex, ("builtins", "bytearray"): bytearray,
     ("signal", "Signals"): signal.Signals,
+    ("_io", "BytesIO"): io.BytesIO,  # TransformerEngine's `_extra_state` in older releases (never unpickled)
     ("_codecs", "encode"): _latin1,
     # numpy RNG state (Megatron's rng_state): never used, never built.
     ("numpy.core.multiarray", "_reconstruct"): Inert, ("numpy._core.multiarray", "_reconstruct"): Inert,

@@ -64,7 +64,10 @@ def _megatron_like_state(params_dtype=torch.bfloat16):
 
     args = argparse.Namespace(params_dtype=params_dtype, exit_signal=signal.SIGTERM, attention_backend=AttnBackend.auto,
                               ranks={1, 2}, window=slice(1, 3))
-    return {"model": {"w": weight, "norm": torch.ones(4)},
+    import io
+
+    return {"model": {"w": weight, "norm": torch.ones(4), "w._extra_state": io.BytesIO(b"te fp8 meta"),
+                      "v._extra_state": torch.frombuffer(bytearray(b"newer te"), dtype=torch.uint8)},
             "optimizer": {"fp32_from_fp16_params": [[master]], "state": {0: {"exp_avg": torch.zeros(3, 4)}}},
             "args": args, "rng_state": [{"random_rng_state": random.getstate(), "np_rng_state": np_state,
                                          "torch_rng_state": torch.get_rng_state()}]}
@@ -84,6 +87,8 @@ def test_megatron_state_with_tensor_attributes_reads_as_metadata(tmp_path):
             torch.uint8).numpy().tobytes()
     assert obj["args"].params_dtype is torch.bfloat16 and obj["args"].exit_signal is signal.SIGTERM
     assert obj["args"].attention_backend is state["args"].attention_backend and obj["args"].ranks == {1, 2}
+    assert obj["model"]["w._extra_state"].getvalue() == b"te fp8 meta"
+    assert obj["model"]["v._extra_state"].shape == (8,)
 
 
 def test_real_megatron_files_use_only_allowed_globals():

@@ -1,6 +1,6 @@
 """Bytes as read -> bytes as planned, for the source encodings a read item may carry (see
-`SourceTensor.encoding`): torch_dist chunks stored as torch.save blobs, FP8 block-quantized rows, and expert
-slabs of fused HF expert tensors whose axes are permuted."""
+`SourceTensor.encoding`): torch_dist chunks stored as torch.save blobs, FP8 block-quantized rows, expert
+slabs of fused HF expert tensors whose axes are permuted, and MXFP4 expert slabs."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from .block_fp8 import dequantize
 from .dtypes import DTYPE_NAMES, TORCH_DTYPES
 from .errors import ConversionError
+from .mxfp4 import dequantize_mxfp4
 from .rank_plan import ReadItem, read_item
 from .safe_pickle import load_tensor_blob
 from .safetensors_index import SourceTensor
@@ -25,6 +26,8 @@ def decode(item: ReadItem, raw: torch.Tensor, index: dict[str, SourceTensor],
         return dequantize(raw, src, item.rows, device)
     if item.encoding == "permuted":
         return permuted(raw, src)
+    if item.encoding == "mxfp4":
+        return dequantize_mxfp4(raw, src)
     t = load_tensor_blob(raw.numpy().tobytes(), f"{item.file}: chunk {item.source}")
     data = t.contiguous().view(-1).view(torch.uint8)
     if data.numel() != src.data_bytes or DTYPE_NAMES.get(t.dtype) != src.dtype:

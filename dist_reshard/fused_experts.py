@@ -20,6 +20,7 @@ from typing import Callable
 
 from .errors import ConversionError
 from .hf_config import ModelConfig
+from .mxfp4 import BLOCKS, mxfp4_experts
 from .safetensors_index import SourceTensor
 
 
@@ -30,6 +31,10 @@ class FusedExperts:
     stored: Callable[[ModelConfig], tuple[int, ...]]  # one expert's shape in the file
     view: Callable[[ModelConfig], tuple[int, ...]] | None = None  # the slab's shape for `perm` (default: stored)
     perm: tuple[int, ...] | None = None  # None: the slab as stored
+    # MXFP4 form (`<fused>_blocks` + `<fused>_scales`, see mxfp4.py): one expert decodes to the per-expert
+    # tensor's shape, its rows then viewed as `mxfp4_view` and permuted by `mxfp4_perm` (None: as decoded).
+    mxfp4_view: Callable[[ModelConfig], tuple[int, ...]] | None = None
+    mxfp4_perm: tuple[int, ...] | None = None
 
 
 def _permuted_shape(spec: FusedExperts, cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -48,10 +53,15 @@ def split_fused_experts(index: dict[str, SourceTensor], specs: tuple[FusedExpert
         prefix = layer_prefix.format(i=i)
         for spec in specs:
             name = prefix + spec.fused
+            stored, permuted = _permuted_shape(spec, cfg)
+            if name + BLOCKS in out:
+                out.update(mxfp4_experts(out, name, prefix + spec.per_expert, _per_expert_shape(stored, permuted),
+                                         tuple(spec.mxfp4_view(cfg)) if spec.mxfp4_view else None, spec.mxfp4_perm,
+                                         cfg.num_experts))
+                continue
             t = out.pop(name, None)
             if t is None:
                 continue  # a missing tensor is reported by name where the table's tensors are checked
-            stored, permuted = _permuted_shape(spec, cfg)
             if t.shape != (cfg.num_experts,) + stored or t.encoding is not None:
                 raise ConversionError(f"{t.file}: tensor {name!r} is {t.dtype} {list(t.shape)}; {cfg.num_experts} "
                                       f"experts need {[cfg.num_experts, *stored]}")

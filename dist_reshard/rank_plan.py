@@ -498,17 +498,19 @@ def read_item(index: int, src: SourceTensor, rows: tuple[int, int], reader: int)
 
 def _scale_span(src: SourceTensor, rows: tuple[int, int]) -> tuple[str, int, int] | None:
     """(file, offset, nbytes) of the FP8 block-scale rows that rows [a, b) of `src` need, else None."""
-    if src.scale is None or src.read_whole:
+    if src.scale is None or src.encoding == "torch_save":
         return None
+    if src.read_whole:  # an MXFP4 slab: all its scales
+        return src.scale.file, src.scale.offset, src.scale.nbytes
     lo, hi = scale_rows(src, rows)
     return src.scale.file, src.scale.offset + lo * src.scale.row_bytes, (hi - lo) * src.scale.row_bytes
 
 
 def _read_span(src: SourceTensor, rows: tuple[int, int], scale: tuple | None = None):
     """(rows, offset, nbytes) of the read of rows [a, b) of `src`; nbytes counts the scale rows too."""
-    if src.read_whole:
-        return (0, src.rows), src.offset, src.nbytes
     scale = scale if scale is not None else _scale_span(src, rows)
+    if src.read_whole:
+        return (0, src.rows), src.offset, src.nbytes + (scale[2] if scale else 0)
     return (rows, src.offset + rows[0] * src.stored_row_bytes,
             (rows[1] - rows[0]) * src.stored_row_bytes + (scale[2] if scale else 0))
 

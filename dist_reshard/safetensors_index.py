@@ -41,6 +41,8 @@ class SourceTensor:
     # `scale` (DeepSeek's `weight_scale_inv`, one float32 per `block` of rows x columns).
     # "permuted": one expert's slab of a fused HF expert tensor, stored as `stored_shape` and read whole; the
     # tensor is that slab with its axes permuted by `perm`, flattened to `shape` (see fused_experts.py).
+    # "mxfp4": one expert's MXFP4 blocks (`nbytes` of `stored_dtype` U8) and its scales (`scale`, read after them),
+    # both read whole and decoded to `dtype`, rows then permuted as for "permuted" (see mxfp4.py).
     encoding: str | None = None
     stored_dtype: str | None = None
     scale: SourceTensor | None = None
@@ -52,7 +54,7 @@ class SourceTensor:
     def read_whole(self) -> bool:
         """Read in one piece whatever rows are wanted: a torch.save blob, or a slab whose rows are not the
         stored ones."""
-        return self.encoding in ("torch_save", "permuted")
+        return self.encoding in ("torch_save", "permuted", "mxfp4")
 
     @property
     def itemsize(self) -> int:

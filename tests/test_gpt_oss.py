@@ -2,8 +2,9 @@
 loads each output into real Megatron-Core on CPU (strict legacy load, torch_dist `dist_checkpointing.load`)
 with learnable softmax offsets (the sinks), biases everywhere, the clamped quick-GELU GLU, alternating
 sliding-window layers and YaRN, and compares the logits with HF's; the files equal the reference transform
-bit for bit, and both convert back to the HF folder's bytes in the same job. Variants Megatron-Core cannot
-express are refused by name, without a process group."""
+bit for bit, and both convert back to the HF folder's bytes in the same job; an MXFP4 source converts as the
+bf16 model transformers decodes it to. Variants Megatron-Core cannot express are refused by name, without a
+process group."""
 
 import json
 import os
@@ -25,7 +26,18 @@ def gpt_oss(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def converted(gpt_oss, tmp_path_factory):
+def gpt_oss_mxfp4(tmp_path_factory):
+    """(MXFP4 folder, the bf16 folder transformers decodes it to) from a bf16 tiny model."""
+    from mxfp4_reference import make_mxfp4_pair
+
+    root = tmp_path_factory.mktemp("mxfp4")
+    bf16 = save_model(build_model("gpt_oss", seed=21, dtype="bfloat16"), str(root / "bf16"))
+    make_mxfp4_pair(bf16, str(root / "mxfp4"), str(root / "dequantized"))
+    return str(root / "mxfp4"), str(root / "dequantized")
+
+
+@pytest.fixture(scope="module")
+def converted(gpt_oss, gpt_oss_mxfp4, tmp_path_factory):
     """Both formats converted, loaded into Megatron-Core and run, a reshard, both converted back: one 4-rank
     job (legacy TP2 x PP2, torch_dist TP2 x DP2, the reshard TP1 x PP2 x DP2; EP2 x ETP1)."""
     root = tmp_path_factory.mktemp("gpt_oss_out")
@@ -34,8 +46,11 @@ def converted(gpt_oss, tmp_path_factory):
     # torch_dist TP2 x EP2 resharded to legacy TP1 x PP2 x EP2, loaded with the HF model's logits.
     reshard = dict(LAYOUT, tp=1, pp=2, src="mcore", load=cases[1]["save"], hf=gpt_oss, save=str(root / "reshard"),
                    format="torch", impl="local", name="reshard")
+    # MXFP4 experts decoded on reading, against the model transformers decodes them to.
+    mxfp4 = dict(LAYOUT, load=gpt_oss_mxfp4[0], hf=gpt_oss_mxfp4[1], save=str(root / "mxfp4"), format="torch_dist",
+                 impl="local", name="mxfp4")
     back = [dict(dst="hf", load=c["save"], save=c["back"]) for c in cases]
-    return {r["name"]: r for r in mcore_check(4, cases + [reshard] + back, root)}
+    return {r["name"]: r for r in mcore_check(4, cases + [reshard, mxfp4] + back, root)}
 
 
 def test_gpt_oss_megatron_logits_match_hf(converted):
@@ -47,6 +62,7 @@ def test_gpt_oss_files_equal_reference(converted, gpt_oss, tmp_path):
     check_legacy(converted["torch"])
     check_torch_dist(converted["torch_dist"], tmp_path)
     check_legacy(dict(converted["reshard"], load=gpt_oss))  # the reshard: as if converted from HF
+    check_torch_dist(dict(converted["mxfp4"], load=converted["mxfp4"]["hf"]), tmp_path)  # MXFP4: as if from bf16
 
 
 def test_gpt_oss_args_state_what_megatron_builds(converted):
@@ -78,7 +94,6 @@ def _edit_config(folder, **changes):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(swiglu_alpha=1.5), "swiglu_alpha = 1.5: Megatron-Core's quick-GELU GLU"),
-    (dict(quantization_config=dict(quant_method="mxfp4")), "quant_method = 'mxfp4'"),
     (dict(attention_bias=False), "attention_bias = false"),
     (dict(layer_types=["sliding_attention", "chunked_attention", "sliding_attention", "full_attention"]),
      "layer_types"),
@@ -103,6 +118,22 @@ def test_gpt_oss_expert_tensor_parallelism_is_refused(gpt_oss):
         _plan(gpt_oss, TargetLayout(tp=2, ep=2))
 
 
+def test_mxfp4_expert_without_its_scales_is_refused(gpt_oss_mxfp4, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dist_reshard.errors import ConversionError
+
+    folder = tmp_path / "hf"
+    shutil.copytree(gpt_oss_mxfp4[0], folder)
+    path = str(folder / "model.safetensors")
+    state = load_file(path)
+    del state["model.layers.2.mlp.experts.down_proj_scales"]
+    save_file(state, path)
+    with pytest.raises(ConversionError, match=r"MXFP4 tensor 'model\.layers\.2\.mlp\.experts\.down_proj_blocks' has "
+                                              r"no 'model\.layers\.2\.mlp\.experts\.down_proj_scales'"):
+        _plan(folder)
+
+
 def test_gpt_oss_fused_expert_of_wrong_shape_is_refused(gpt_oss, tmp_path):
     from dist_reshard.errors import ConversionError
 
@@ -124,6 +155,27 @@ def test_gpt_oss_way_back_is_byte_identical(converted, gpt_oss, fmt):
         assert torch.equal(back[name].view(torch.uint8), t.view(torch.uint8)), name
     with open(os.path.join(gpt_oss, "config.json")) as f, open(os.path.join(converted[fmt]["back"], "config.json")) as g:
         assert json.load(g) == json.load(f)
+
+
+def test_mxfp4_experts_decode_as_transformers_decodes_them(gpt_oss_mxfp4):
+    """Each expert's MXFP4 slab (blocks and scales) decodes to transformers' own dequantization, unfused."""
+    from dist_reshard.decode import read_rows
+    from dist_reshard.hf_source import open_hf_folder
+    from dist_reshard.reader import RangeReader
+
+    decoded = load_hf_state(gpt_oss_mxfp4[1])
+    _cfg, _family, index = open_hf_folder(gpt_oss_mxfp4[0])
+    reader = RangeReader()
+    for layer in range(4):
+        p = f"model.layers.{layer}.mlp.experts."
+        for e in range(4):
+            gate_up, down = decoded[p + "gate_up_proj"][e], decoded[p + "down_proj"][e]
+            for name, want in ((f"{e}.gate_up_proj", torch.cat([gate_up[:, 0::2].t(), gate_up[:, 1::2].t()])),
+                               (f"{e}.down_proj", down.t())):
+                src = index[p + name]
+                assert src.encoding == "mxfp4" and src.dtype == "BF16"
+                got = read_rows(reader, src, (0, src.rows), index).view(torch.bfloat16).view(src.shape)
+                assert torch.equal(got.view(torch.int16), want.contiguous().view(torch.int16)), p + name
 
 
 def test_fused_expert_views_read_the_bytes_hf_holds(gpt_oss):

@@ -9,7 +9,8 @@ layer a MoE whose router and experts carry biases, experts fused in HF (see fuse
 - The clamped GLU `(clamp(up, ±limit) + 1) * g * sigmoid(alpha * g)` with `g = clamp(gate, max=limit)` is
   Megatron's quick-GELU GLU with `glu_linear_offset` 1 and `activation_func_clamp_value` limit; Megatron's
   quick GELU fixes alpha at 1.702, so any other `swiglu_alpha` is refused.
-- MXFP4 sources (`*_blocks` + `*_scales`, as published) are refused until they are decoded on reading.
+- MXFP4 sources (`*_blocks` + `*_scales`, as published) are read as the bf16 they stand for (mxfp4.py): each
+  expert's slab decoded by the rank that reads it; outputs are bf16 (the way back writes bf16 fused tensors).
 - The way back writes the fused tensors again (fused_experts.py), byte for byte what the HF folder held.
 """
 
@@ -51,12 +52,14 @@ MOE = (
 )
 
 FUSED = (
+    # MXFP4 (as published): [E, 2I, H] in the linear layer's orientation, gate and up in alternate rows.
     FusedExperts("mlp.experts.gate_up_proj", "mlp.experts.{e}.gate_up_proj", lambda c: (c.hidden_size, 2 * _i(c)),
-                 view=lambda c: (c.hidden_size, _i(c), 2), perm=(2, 1, 0)),
+                 view=lambda c: (c.hidden_size, _i(c), 2), perm=(2, 1, 0),
+                 mxfp4_view=lambda c: (_i(c), 2, c.hidden_size), mxfp4_perm=(1, 0, 2)),
     FusedExperts("mlp.experts.gate_up_proj_bias", "mlp.experts.{e}.gate_up_proj_bias", lambda c: (2 * _i(c),),
                  view=lambda c: (_i(c), 2), perm=(1, 0)),
     FusedExperts("mlp.experts.down_proj", "mlp.experts.{e}.down_proj", lambda c: (_i(c), c.hidden_size),
-                 perm=(1, 0)),
+                 perm=(1, 0)),  # MXFP4: [E, H, I], linear_fc2's own orientation
     FusedExperts("mlp.experts.down_proj_bias", "mlp.experts.{e}.down_proj_bias", lambda c: (c.hidden_size,)),
 )
 
@@ -71,10 +74,6 @@ class GptOss(Family):
         if alpha != QUICK_GELU_ALPHA:
             raise ConversionError(f"config.json: swiglu_alpha = {alpha!r}: Megatron-Core's quick-GELU GLU computes "
                                   f"x * sigmoid({QUICK_GELU_ALPHA} x) and has no other alpha")
-        quant = raw.get("quantization_config")
-        if isinstance(quant, dict) and quant.get("quant_method") == "mxfp4":
-            raise ConversionError("config.json: quantization_config.quant_method = 'mxfp4': MXFP4 expert weights "
-                                  "(*_blocks + *_scales) are not decoded yet; convert a bf16 GPT-OSS checkpoint")
         types = raw.get("layer_types")
         if types is not None and (not isinstance(types, list) or len(types) != cfg.num_layers
                                   or set(types) - {"sliding_attention", "full_attention"}):
@@ -90,10 +89,6 @@ class GptOss(Family):
                                   f"an expert tensor-parallel size of 1 (GPT-OSS's experts have biases); use --etp 1")
 
     def source_index(self, index: dict, cfg) -> dict:
-        mxfp4 = sorted(n for n in index if n.endswith(("_blocks", "_scales")))
-        if mxfp4:
-            raise ConversionError(f"{index[mxfp4[0]].file}: tensor {mxfp4[0]!r} is MXFP4-quantized; MXFP4 expert "
-                                  f"weights are not decoded yet ({len(mxfp4)} such tensors)")
         return split_fused_experts(index, self.fused, cfg)
 
 

@@ -552,6 +552,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
                 got = collectives.exchange_flat(send_buf, send_splits, recv_splits, device)
                 del send_buf
                 try:  # a failure here is agreed on at the next bucket (or after the last one)
+                    faults.maybe_fail(me, "unpack")
                     pos = 0
                     for s, size in enumerate(recv_splits):
                         if size:

@@ -150,14 +150,17 @@ def _error_lines(proc):
     return [line for line in proc.stderr.splitlines() if "dist_reshard: error:" in line]
 
 
-def test_exception_during_exchange_ends_every_rank_at_the_default_timeout(hf_models, tmp_path):
-    """Raised on one rank between its read and the all-to-all: agreed before the exchange, so the peer does
-    not sit in the all-to-all for the default --timeout (1800 s)."""
+@pytest.mark.parametrize("fault", ["1:exchange:raise", "0:unpack:raise"])
+def test_exception_during_exchange_ends_every_rank_at_the_default_timeout(hf_models, tmp_path, fault):
+    """Raised on one rank between its read and the all-to-all (agreed before it), or while unpacking what it
+    received (agreed at the next boundary): the peer never sits in a collective for the default --timeout
+    (1800 s)."""
     save = tmp_path / "out"
-    proc, elapsed = _run(hf_models["llama3"], save, fault="1:exchange:raise")
+    proc, elapsed = _run(hf_models["llama3"], save, fault=fault)
     errors = _error_lines(proc)
+    point = fault.split(":")[1]
     assert proc.returncode != 0 and elapsed < 30, (elapsed, proc.stderr[-2000:])
-    assert len(errors) == 2 and all("injected fault at exchange" in e for e in errors), proc.stderr[-2000:]
+    assert len(errors) == 2 and all(f"injected fault at {point}" in e for e in errors), proc.stderr[-2000:]
     assert not save.exists() and not _staging(save).exists()
 
 

@@ -53,6 +53,7 @@ class Options:
     progress: str = "auto"  # "auto" (a bar when rank 0's stderr is a terminal), "on", "off"
     src: str = "hf"  # "hf" (safetensors folder) or "mcore" (a Megatron-Core checkpoint)
     hf_config: str | None = None  # --dst hf: reference HF folder for config and tokenizer files
+    vocab_size: int | None = None  # --src mcore: the true (unpadded) vocabulary, when the args lack it
     drop_mtp: bool = False  # leave out multi-token-prediction layers (model.layers.{L + k}.*)
     layer_pattern: str | None = None  # --dst mcore: a GPT model laid out as a MambaModel pattern, or "gpt" back
     # A check of the exchange: every byte, a rank's own included, goes through the collective (at N=1 on one
@@ -86,9 +87,19 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
     if opts.layout.ckpt_format == "hf" and opts.src != "mcore":
         raise ConversionError(f"--src {opts.src} --dst hf: the source is already HF safetensors")
     if opts.src == "mcore":
-        from .megatron_source import open_source
+        from .megatron_source import open_source, true_vocab_known
 
-        source = open_source(opts.load)
+        reference = None
+        if opts.hf_config:
+            from .hf_config import read_config
+
+            reference = read_config(opts.hf_config)
+        source = open_source(opts.load, opts.vocab_size, reference)
+        if opts.layout.ckpt_format == "hf" and not (reference or true_vocab_known(source, opts.vocab_size)):
+            raise ConversionError(f"--load {opts.load}: the checkpoint stores only the padded vocabulary "
+                                  f"(args.padded_vocab_size = {source.args.padded_vocab_size}, no true_vocab_size or "
+                                  f"vocab_size: trained with an HF tokenizer); pass --hf-config HF_DIR or --vocab-size "
+                                  f"N so that the HF model gets exactly the tokenizer's rows")
         cfg, family, index = source.config, source.family, source.logical
     else:
         cfg, family, index = open_hf_folder(opts.load)
@@ -366,7 +377,7 @@ def run(opts: Options) -> dict:
     phase("plan")
     report.bytes_planned = view.bytes_read
     if opts.dry_run:
-        return _finish(report, plan, opts, dry_run=True, dropped=dropped)
+        return _finish(report, plan, opts, dry_run=True, dropped=dropped, source=source)
 
     source_files = _source_files(index, source)
     lock = destination.DestinationLock(opts.save) if me == 0 else None
@@ -412,7 +423,7 @@ def run(opts: Options) -> dict:
             # A peer died or a collective broke: keep the finished files for --resume.
             raise ConversionError(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                                   f"(finished files kept in {staging}; rerun with --resume)") from e
-        return _finish(report, plan, opts, dry_run=False, dropped=dropped)
+        return _finish(report, plan, opts, dry_run=False, dropped=dropped, source=source)
 
     finally:
         if lock is not None:
@@ -423,14 +434,16 @@ _HYBRID_ARGS = ("is_hybrid_model", "hybrid_override_pattern", "spec", "model_typ
 
 def _output_args(opts: Options, plan: Plan, cfg, family, source):
     """Megatron args of the output; from a Megatron source, its own args carried over with the new layout."""
-    # The language model's own features (a LLaVA vision encoder always has a QKV bias; its args are its own).
-    qkv_bias = any(t.key.endswith("linear_qkv.bias") and not t.key.startswith("vision_model.") for t in plan.targets)
     qk_norm = any("q_layernorm" in t.key for t in plan.targets)
     source_dtype = cfg.dtype
     if source is not None:
         source_dtype = DTYPE_FLAGS.get(next(iter(source.logical.values())).dtype)
-    args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, source_dtype, qk_norm, qkv_bias)
+    args = megatron_args(cfg, opts.layout, plan.padded_vocab, family.name, source_dtype, qk_norm)
     if source is not None:
+        from .megatron_source import true_vocab_known
+
+        if not true_vocab_known(source, opts.vocab_size):  # padded rows only: still unknown, never invented
+            args.vocab_size = args.true_vocab_size = None
         for k, v in vars(source.args).items():  # training flags and the stored HF config travel along
             if k in _HYBRID_ARGS and not cfg.hybrid:
                 continue  # a hybrid laid out as GPTModel again (--layer-pattern gpt)
@@ -457,7 +470,7 @@ def _write_hf_metadata(opts: Options, plan: Plan, cfg, family, source, staging: 
         hf.write_index(staging, {t.key: paths[k[0]] for k, t in pairs}, sum(t.nbytes for _, t in pairs))
         names.append("model.safetensors.index.json")
     dtype = opts.layout.dtype or DTYPE_FLAGS.get(pairs[0][1].dtype)
-    names += hf.write_config(staging, hf_config(source.args, cfg, family.name, dtype, opts.hf_config), opts.hf_config)
+    names += hf.write_config(staging, hf_config(cfg, dtype, opts.hf_config), opts.hf_config)
     return names
 
 
@@ -656,7 +669,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     phase("publish")
 
 
-def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, dropped: int = 0) -> dict:
+def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, dropped: int = 0, source=None) -> dict:
     report.peak_rss_bytes = _peak_rss()
     if torch.cuda.is_initialized():
         report.peak_gpu_bytes = torch.cuda.max_memory_allocated()
@@ -674,6 +687,8 @@ def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, droppe
         "buckets": len(plan.buckets),
         "largest_read_item_bytes": plan.largest_item_bytes,
         "dropped_mtp_tensors": dropped,
+        # A Megatron source's training state, left out by name: {name: [entries, bytes]}.
+        "skipped_non_model_state": dict(source.skipped) if source is not None else {},
         "ranks": [dict(r, planned=a) for r, a in zip(reports, acc)],
     }
     total_read = sum(r["bytes_read"] for r in reports)

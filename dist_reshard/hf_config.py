@@ -207,7 +207,9 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         scaling = None
     dtype = cfg.get("dtype", cfg.get("torch_dtype"))
     num_layers = _int(cfg, "num_hidden_layers", path)
-    moe = _moe_fields(cfg, path, num_layers)
+    # transformers writes Nemotron-H's MoE defaults (n_routed_experts ...) into every config; they count only
+    # when some layer is MoE.
+    moe = {} if hybrid and "E" not in hybrid["layer_kinds"] else _moe_fields(cfg, path, num_layers)
     mla = _mla_fields(cfg, path)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
     return ModelConfig(
@@ -225,7 +227,7 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         rope_theta=rope_theta,
         rope_scaling=dict(scaling) if scaling else None,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bool(cfg.get("attention_bias", False)),
+        attention_bias=_attention_bias(cfg),
         dtype=_DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None,
         sliding_window=window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None,
         raw=raw if hybrid else cfg,
@@ -233,6 +235,16 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         **mla,
         **hybrid,
     )
+
+
+def _attention_bias(cfg: dict) -> bool:
+    """Whether q/k/v carry biases: always in Qwen2, by `qkv_bias` (default on) in Qwen2-MoE, else by
+    `attention_bias`."""
+    if cfg.get("model_type") == "qwen2":
+        return True
+    if cfg.get("model_type") == "qwen2_moe":
+        return bool(cfg.get("qkv_bias", True))
+    return bool(cfg.get("attention_bias", False))
 
 
 def _mla_fields(cfg: dict, path: str) -> dict:

@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="--dst hf: largest safetensors file (as transformers)")
     p.add_argument("--hf-config", default=None,
                    help="--dst hf: take config.json, generation config and tokenizer files from this HF folder")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="--src mcore: the true (unpadded) vocabulary size, for checkpoints whose args store only the "
+                        "padded one (trained with an HF tokenizer); --hf-config's vocab_size gives it too")
     p.add_argument("--save", required=True, help="destination folder")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -109,6 +112,8 @@ def _summary(job: dict) -> str:
                      + ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items()))
     if job.get("dropped_mtp_tensors"):
         lines.append(f"  dropped on request (--drop-mtp): {job['dropped_mtp_tensors']} multi-token-prediction tensors")
+    for name, (count, nbytes) in sorted(job.get("skipped_non_model_state", {}).items()):
+        lines.append(f"  skipped (not model state): {name}: {count} entries, {nbytes / mib:.2f} MiB")
     if job.get("read_amplification") is not None:
         lines.append(f"  bytes read / source bytes = {job['read_amplification']:.4f}")
     return "\n".join(lines)
@@ -140,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConversionError as e:
             sys.stderr.write(f"dist_reshard: error: {e}\n")
             return 2
-    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp, layer_pattern=ns.layer_pattern, loopback=ns.loopback,
+    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, vocab_size=ns.vocab_size, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp, layer_pattern=ns.layer_pattern, loopback=ns.loopback,
                    device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
                    resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:

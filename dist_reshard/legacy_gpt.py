@@ -22,6 +22,7 @@ import dataclasses
 import re
 from argparse import Namespace
 
+from . import arch_args
 from .errors import ConversionError
 
 # encoder key (after Megatron's own load-time renames, below) -> Megatron-Core local-spec name, per layer.
@@ -180,24 +181,13 @@ def normalise_args(args: Namespace, version: float, where: str) -> Namespace:
         args.tensor_model_parallel_size = args.model_parallel_size
     if version < 3.0 or getattr(args, "pipeline_model_parallel_size", None) is None:
         args.pipeline_model_parallel_size = 1
-    if getattr(args, "rotary_base", None) is None:
-        args.rotary_base = ROPE_BASE
-    refusals = (
-        ("position_embedding_type", getattr(args, "position_embedding_type", "learned_absolute") != "rope"),
-        ("swiglu", not getattr(args, "swiglu", False)),
-        ("normalization", getattr(args, "normalization", "LayerNorm") != "RMSNorm"),
-        ("add_bias_linear", getattr(args, "add_bias_linear", True)),
-        ("apply_layernorm_1p", getattr(args, "apply_layernorm_1p", False)),
-        ("rotary_percent", getattr(args, "rotary_percent", 1.0) != 1.0),
-        ("rotary_interleaved", getattr(args, "rotary_interleaved", False)),
-        ("rotary_seq_len_interpolation_factor", getattr(args, "rotary_seq_len_interpolation_factor", None)),
-        ("num_experts", getattr(args, "num_experts", None)),
-    )
-    for field, bad in refusals:
-        if bad:
-            raise ConversionError(f"{where}: args.{field} = {getattr(args, field, None)!r} (default if missing): "
-                                  f"a legacy GPT model outside the dense RoPE / SwiGLU / RMSNorm families; "
-                                  f"not supported")
+    # The legacy model's RotaryEmbedding takes neither rotary_base nor rope scaling: whatever the args say, it
+    # rotates with this base, unscaled.
+    args.rotary_base, args.use_rope_scaling = ROPE_BASE, False
+    arch_args.check_fixed(args, where)
+    if getattr(args, "num_experts", None):
+        raise ConversionError(f"{where}: args.num_experts = {args.num_experts!r}: a legacy GPT model with SwitchMLP "
+                              f"experts; not supported")
     if not getattr(args, "group_query_attention", False):
         args.num_query_groups = args.num_attention_heads  # Megatron-LM reads num_query_groups only with GQA
     if version < 2.0 and args.num_query_groups != args.num_attention_heads:

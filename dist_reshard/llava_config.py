@@ -207,7 +207,7 @@ def llava_config_from_args(args, where: str):
                 num_key_value_heads=getattr(args, "num_query_groups", None) or heads,
                 head_dim=getattr(args, "kv_channels", None) or args.hidden_size // heads,
                 vocab_size=getattr(args, "true_vocab_size", None) or args.padded_vocab_size,
-                max_position_embeddings=args.max_position_embeddings, rms_norm_eps=args.norm_epsilon,
+                max_position_embeddings=args.max_position_embeddings, rms_norm_eps=getattr(args, "layernorm_epsilon", None) or args.norm_epsilon,
                 rope_theta=args.rotary_base, tie_word_embeddings=not args.untie_embeddings_and_output_weights)
     vision = dict(model_type=towers[args.vision_model_type], hidden_size=args.vision_hidden_size,
                   intermediate_size=args.vision_ffn_hidden_size, num_hidden_layers=args.encoder_num_layers,

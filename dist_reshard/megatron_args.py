@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from argparse import Namespace
 
+from . import arch_args
 from .hf_config import ModelConfig
 from .layout import TargetLayout
 from .llava_config import llava_args
@@ -17,42 +18,18 @@ _PARAMS_DTYPE = {"bf16": "torch.bfloat16", "fp16": "torch.float16", "fp32": "tor
 
 
 def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, family: str,
-                  source_dtype: str | None, qk_layernorm: bool, qkv_bias: bool) -> Namespace:
+                  source_dtype: str | None, qk_layernorm: bool) -> Namespace:
     import torch
 
     dtype = layout.dtype or source_dtype or "fp32"
-    scaling = cfg.rope_scaling or {}
-    llama3_scaling = scaling.get("rope_type", scaling.get("type")) == "llama3"
     per_stage = cfg.num_layers // layout.pp
     args = Namespace(
-        # Architecture.
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        num_attention_heads=cfg.num_attention_heads,
-        group_query_attention=cfg.num_query_groups != cfg.num_attention_heads,
-        num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.kv_channels,
-        max_position_embeddings=cfg.max_position_embeddings,
+        # Architecture: every fact under every name Megatron-LM releases read it by (arch_args).
+        **arch_args.write(cfg),
         seq_length=min(cfg.max_position_embeddings, 4096),
-        position_embedding_type="rope",
         add_position_embedding=False,
-        rotary_base=cfg.rope_theta,
-        rotary_percent=1.0,
-        rotary_interleaved=False,
-        use_rope_scaling=llama3_scaling,
-        rope_scaling_factor=float(scaling.get("factor", 8.0)) if llama3_scaling else 8.0,
-        hf_rope_scaling=dict(scaling) or None,
-        swiglu=True,
-        normalization="RMSNorm",
-        norm_epsilon=cfg.norm_epsilon,
-        apply_layernorm_1p=False,
-        qk_layernorm=qk_layernorm,
-        add_qkv_bias=qkv_bias,
-        add_bias_linear=False,
-        untie_embeddings_and_output_weights=not cfg.tie_word_embeddings,
-        window_size=(cfg.sliding_window - 1, 0) if cfg.sliding_window else None,  # see _gpt_oss_args
-        **_moe_args(cfg, layout),
+        qk_layernorm=qk_layernorm or cfg.mla,  # MLA: the q/kv latent norms
+        **_moe_extra_args(cfg, layout),
         # Vocabulary.
         padded_vocab_size=padded_vocab,
         vocab_size=cfg.vocab_size,
@@ -83,10 +60,9 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         hf_model_type=cfg.model_type,
         model_family=family,
     )
-    vars(args).update(_mla_args(cfg))  # MLA replaces some of the attention fields above
     vars(args).update(llava_args(cfg))  # the vision encoder and projector of a LLaVA model
-    vars(args).update(_hybrid_args(cfg))  # so do Mamba hybrids
-    vars(args).update(_gpt_oss_args(cfg))
+    vars(args).update(_hybrid_args(cfg))
+    vars(args).update(_gpt_oss_args(cfg))  # GPT-OSS (HF -> Megatron only): its own attention and MLP flags
     return args
 
 
@@ -160,87 +136,25 @@ def _hybrid_args(cfg: ModelConfig) -> dict:
                  model_type_name="mamba", transformer_impl="transformer_engine")
     if cfg.hf_layers:  # a GPT model laid out as attention and MLP layers: its rotary embedding and SwiGLU stay
         return stack
-    return dict(
-        stack,
-        mamba_state_dim=cfg.mamba_state_dim,
-        mamba_head_dim=cfg.mamba_head_dim,
-        mamba_num_groups=cfg.mamba_num_groups,
-        mamba_num_heads=cfg.mamba_num_heads,
-        mamba_conv_kernel=cfg.mamba_conv_kernel,
-        position_embedding_type="none",
-        use_rope_scaling=False,
-        swiglu=False,
-        squared_relu=cfg.squared_relu,
-    )
+    return dict(stack, use_rope_scaling=False)
 
 
-def _moe_args(cfg: ModelConfig, layout: TargetLayout) -> dict:
-    """Megatron's MoE flags that reproduce the HF routing (softmax scores, top-k, renormalisation).
+def _moe_extra_args(cfg: ModelConfig, layout: TargetLayout) -> dict:
+    """MoE flags beyond the model facts (arch_args has those): how the experts are stored and trained.
 
-    HF takes a softmax over all experts, then the top-k; Mixtral (and Qwen with `norm_topk_prob`)
-    renormalise the k weights, which equals Megatron's top-k of logits followed by a softmax over the k
+    HF takes a softmax over all experts, then the top-k; Mixtral (and Qwen with `norm_topk_prob`) renormalise
+    the k weights, which equals Megatron's top-k of logits followed by a softmax over the k
     (`moe_router_pre_softmax=False`). Without renormalisation it is softmax-then-top-k (`True`).
-    `moe_layer_freq` is written as an explicit per-layer list when dense and MoE layers mix: Megatron's
-    integer form counts phase from layer 0, the opposite of HF's `decoder_sparse_step`.
+    `moe_layer_freq` is an explicit per-layer list when dense and MoE layers mix: Megatron's integer form
+    counts phase from layer 0, the opposite of HF's `decoder_sparse_step`. A Qwen2-MoE shared expert is
+    gated; DeepSeek-V3's routing runs in float32 as in HF.
     """
     if not cfg.num_experts:
-        return dict(num_experts=None)
-    pattern = [int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
-    shared = cfg.shared_expert_ffn_hidden_size or None
-    if cfg.router_score == "sigmoid":
-        # DeepSeek-V3: sigmoid scores, group-limited top-k chosen with a per-expert bias, weights renormalised
-        # over the k (Megatron always does for sigmoid) and scaled; the router runs in float32 as in HF.
-        sigmoid = dict(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
-                       moe_router_enable_expert_bias=cfg.router_expert_bias,
-                       moe_router_num_groups=cfg.router_groups if cfg.router_groups > 1 else None,
-                       moe_router_group_topk=cfg.router_group_topk if cfg.router_groups > 1 else None,
-                       moe_router_topk_scaling_factor=cfg.routed_scaling_factor, moe_router_dtype="fp32",
-                       moe_shared_expert_gate=False)
-    else:
-        sigmoid = {}
+        return {}
     return dict(
-        num_experts=cfg.num_experts,
-        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
-        moe_router_topk=cfg.moe_topk,
-        moe_router_pre_softmax=not cfg.norm_topk_prob,
-        moe_router_score_function="softmax",
-        moe_router_topk_scaling_factor=None,
-        moe_layer_freq=1 if all(pattern) else pattern,
-        moe_shared_expert_intermediate_size=shared,
-        moe_shared_expert_gate=bool(shared),
+        moe_shared_expert_gate=bool(cfg.shared_expert_ffn_hidden_size) and cfg.router_score != "sigmoid",
         moe_grouped_gemm=layout.moe_grouped_gemm,
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=float(cfg.raw.get("router_aux_loss_coef", 0.0) or 0.0),
         moe_token_dispatcher_type="alltoall",
-    ) | sigmoid
-
-
-def _mla_args(cfg: ModelConfig) -> dict:
-    """Multi-latent attention. RoPE: HF's DeepSeek-V3 de-interleaves the rotary half of q and k
-    (`rope_interleave`), which Megatron's MLA always does; YaRN scaling maps onto Megatron's own fields."""
-    if not cfg.mla:
-        return {}
-    scaling = cfg.rope_scaling or {}
-    yarn = scaling.get("rope_type", scaling.get("type")) == "yarn"
-    return dict(
-        multi_latent_attention=True,
-        q_lora_rank=cfg.q_lora_rank or None,
-        kv_lora_rank=cfg.kv_lora_rank,
-        qk_head_dim=cfg.qk_nope_head_dim,
-        qk_pos_emb_head_dim=cfg.qk_rope_head_dim,
-        v_head_dim=cfg.v_head_dim,
-        qk_layernorm=True,  # the q/kv latent norms
-        group_query_attention=False,
-        num_query_groups=cfg.num_attention_heads,
-        kv_channels=cfg.qk_head_dim,
-        rope_type="yarn" if yarn else "rope",
-        rotary_scaling_factor=float(scaling.get("factor", 1.0)),
-        mscale=float(scaling.get("mscale", 1.0)),
-        mscale_all_dim=float(scaling.get("mscale_all_dim", 0.0)),
-        beta_fast=float(scaling.get("beta_fast", 32.0)),
-        beta_slow=float(scaling.get("beta_slow", 1.0)),
-        original_max_position_embeddings=int(scaling.get("original_max_position_embeddings",
-                                                          cfg.max_position_embeddings)),
-        use_rope_scaling=False,
-        mtp_num_layers=None,
-    )
+    ) | ({"moe_router_dtype": "fp32"} if cfg.router_score == "sigmoid" else {})

@@ -19,13 +19,13 @@ from argparse import Namespace
 from collections import defaultdict
 from dataclasses import dataclass
 
-from . import legacy_gpt
+from . import arch_args, legacy_gpt
 from .dtypes import DTYPE_NAMES
 from .errors import ConversionError
 from .families import family_for
 from .hf_config import HYBRID_MODEL_TYPES, ModelConfig, config_from_dict
 from .layout import TargetLayout
-from .mapping import Family, Kind, full_shape, hf_shapes, instances, name_pattern
+from .mapping import Family, Kind, full_shape, hf_shapes, instances, name_pattern, padded_vocab_size
 from .safe_pickle import TensorRef, read_dcp_metadata, read_pt_metadata
 from .safetensors_index import DTYPE_SIZES, SourceTensor
 
@@ -53,6 +53,9 @@ class MegatronSource:
     covers: dict[str, list[Cover]]  # HF name -> where its parts are stored
     logical: dict[str, SourceTensor]  # HF name -> shape and dtype (no file): what the planner converts
     files: list[str]
+    # Non-model state left out (optimizer, rng, scheduler, `_extra_state`, a tied output layer's copy of the
+    # embedding): name -> [entries, bytes].
+    skipped: dict[str, list[int]] = dataclasses.field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,8 +87,10 @@ def iteration_dir(path: str) -> str:
                           f"folder, metadata.json or mp_rank_* files)")
 
 
-def _config_from_args(args: Namespace) -> ModelConfig:
-    """The HF config an HF -> Megatron conversion stored in the args, else one rebuilt from Megatron's flags."""
+def _config_from_args(args: Namespace, where: str = "args", vocab_size: int | None = None) -> ModelConfig:
+    """The model the args describe (`arch_args` reads every architecture arg), of the family they imply.
+    The HF config an HF -> Megatron conversion stored in the args (`args.hf_config`) is kept for the way back
+    only while it states exactly these facts: the args are what Megatron itself computed with."""
     stored = getattr(args, "hf_config", None)
     pattern = getattr(args, "hybrid_override_pattern", None)
     stored_gpt = isinstance(stored, dict) and stored.get("architectures") and \
@@ -94,70 +99,176 @@ def _config_from_args(args: Namespace) -> ModelConfig:
         # A GPT model laid out as a MambaModel: read as the GPT model, then placed by the pattern.
         from .families.gpt_hybrid import gpt_layers_as_hybrid
 
-        gpt = Namespace(**dict(vars(args), num_layers=pattern.count("*"), hybrid_override_pattern=None))
-        return gpt_layers_as_hybrid(_config_from_args(gpt), pattern, "args.hybrid_override_pattern")
-    if isinstance(stored, dict) and stored.get("architectures"):
-        try:
-            cfg = config_from_dict(stored, "args.hf_config")
-        except ConversionError:
-            cfg = None
-        # Only while the args still describe that model: the args are what Megatron itself goes by.
-        if cfg is not None and (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads,
-                                cfg.ffn_hidden_size, cfg.num_experts, cfg.moe_ffn_hidden_size) == (
-                getattr(args, "hf_architecture", None), args.num_layers, args.hidden_size, args.num_attention_heads,
-                args.ffn_hidden_size, getattr(args, "num_experts", None) or 0,
-                (getattr(args, "moe_ffn_hidden_size", None) or 0) if cfg.num_experts else 0):
-            return cfg
+        gpt = Namespace(**dict(vars(args), num_layers=pattern.count("*"), hybrid_override_pattern=None,
+                               is_hybrid_model=False))
+        return gpt_layers_as_hybrid(_config_from_args(gpt, where, vocab_size), pattern,
+                                    "args.hybrid_override_pattern")
     if getattr(args, "vision_model_type", None):  # a LLaVAModel checkpoint
+        if isinstance(stored, dict) and stored.get("architectures"):
+            try:
+                return config_from_dict(stored, "args.hf_config")
+            except ConversionError:
+                pass
         from .llava_config import llava_config_from_args
 
         return llava_config_from_args(args, "args")
-    arch = getattr(args, "hf_architecture", None)
-    if not arch:  # a checkpoint from another tool: the features decide the closest dense family
-        arch = ("Qwen3ForCausalLM" if getattr(args, "qk_layernorm", False) else
-                "Qwen2ForCausalLM" if getattr(args, "add_qkv_bias", False) else "LlamaForCausalLM")
-    heads = args.num_attention_heads
-    experts = getattr(args, "num_experts", None) or 0
-    layer_fields = {}  # what the layers hold beyond a dense GPT's: experts, or a hybrid's mamba mixers
-    if experts:
-        freq = getattr(args, "moe_layer_freq", 1)
-        moe_layers = [bool(x) for x in freq] if isinstance(freq, list) else [i % freq == 0
-                                                                             for i in range(args.num_layers)]
-        layer_fields = dict(num_experts=experts, moe_ffn_hidden_size=args.moe_ffn_hidden_size,
-                            moe_topk=args.moe_router_topk,
-                            shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
-                            norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False),
-                            moe_layers=tuple(moe_layers))
-    if pattern:  # a MambaModel: Nemotron-H if it has attention or MLP layers, else Mamba-2
-        arch = getattr(args, "hf_architecture", None) or (
-            "Mamba2ForCausalLM" if set(pattern) == {"M"} else "NemotronHForCausalLM")
-        layer_fields = dict(
-            layer_kinds=tuple(pattern), mamba_state_dim=args.mamba_state_dim, mamba_head_dim=args.mamba_head_dim,
-            mamba_num_groups=args.mamba_num_groups,
-            mamba_num_heads=getattr(args, "mamba_num_heads", None) or 2 * args.hidden_size // args.mamba_head_dim,
-            mamba_conv_kernel=getattr(args, "mamba_conv_kernel", None) or 4,
-            squared_relu=bool(getattr(args, "squared_relu", False)))
-    return ModelConfig(
-        architecture=arch, model_type=getattr(args, "hf_model_type", ""), num_layers=args.num_layers,
-        hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=heads,
-        # Megatron-LM reads --num-query-groups (default 1) only with --group-query-attention.
-        num_query_groups=(getattr(args, "num_query_groups", None) if getattr(args, "group_query_attention", True)
-                          else None) or heads,
-        kv_channels=getattr(args, "kv_channels", None) or args.hidden_size // heads,
-        vocab_size=getattr(args, "true_vocab_size", None) or args.padded_vocab_size,
-        max_position_embeddings=getattr(args, "max_position_embeddings", 4096),
-        norm_epsilon=getattr(args, "norm_epsilon", 1e-6), rope_theta=getattr(args, "rotary_base", 10000.0),
-        rope_scaling=getattr(args, "hf_rope_scaling", None),
-        tie_word_embeddings=not getattr(args, "untie_embeddings_and_output_weights", True),
-        attention_bias=getattr(args, "add_qkv_bias", False), dtype=None, sliding_window=None, raw={}, **layer_fields)
+    facts = arch_args.read(args, where)
+    arch = architecture_from_args(args, facts, where)
+    true_vocab = vocab_size or getattr(args, "true_vocab_size", None) or getattr(args, "vocab_size", None)
+    cfg = ModelConfig(
+        architecture=arch, model_type=getattr(args, "hf_model_type", None) or MODEL_TYPES.get(arch, ""),
+        vocab_size=true_vocab or args.padded_vocab_size, dtype=None, raw={},
+        **{"rope_theta": 10000.0, "rope_scaling": None, **facts})
+    if isinstance(stored, dict) and stored.get("architectures"):
+        try:
+            kept = config_from_dict(stored, "args.hf_config")
+        except ConversionError:
+            kept = None
+        if kept is not None and kept.architecture == arch and not differing_facts(kept, cfg):
+            return dataclasses.replace(kept, vocab_size=cfg.vocab_size)
+    return cfg
 
 
-def config_from_args(args: Namespace, where: str) -> ModelConfig:
+# The HF architecture each family is written as, and its model_type.
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+               "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+               "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
+               "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2"}
+
+
+def _features(arch: str) -> tuple:
+    """What an architecture's modules hold beyond a dense Llama: (q/k norms, experts, shared expert gate,
+    multi-latent attention, mamba mixers)."""
+    return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"),
+            arch == "Qwen2MoeForCausalLM", arch == "DeepseekV3ForCausalLM",
+            arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"))
+
+
+def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
+    """The HF family whose modules are the ones the args build: MLA -> DeepSeek-V3; experts -> Qwen3-MoE (q/k
+    norms), Qwen2-MoE (gated shared expert) or Mixtral (every layer MoE, top-k renormalised); hybrid ->
+    Nemotron-H or Mamba-2; dense -> Qwen3 (q/k norms), Qwen2 (q/k/v bias), Mistral (a window), else Llama.
+    A combination no family has is refused naming the arg. This project's own `hf_architecture` arg picks
+    among families with the same modules (Llama or Mistral)."""
+    qk_norm = bool(getattr(args, "qk_layernorm", False))
+    if facts.get("layer_kinds"):
+        kinds = set(facts["layer_kinds"])
+        if "E" in kinds:
+            raise ConversionError(f"{where}: args.hybrid_override_pattern has MoE layers (E); not supported")
+        derived = "Mamba2ForCausalLM" if kinds == {"M"} else "NemotronHForCausalLM"
+    elif facts.get("kv_lora_rank") and getattr(args, "multi_latent_attention", False):
+        derived = "DeepseekV3ForCausalLM"
+    elif facts.get("num_experts"):
+        if facts.get("router_score") != "softmax":
+            raise ConversionError(f"{where}: args.moe_router_score_function = {facts.get('router_score')!r}: only "
+                                  f"DeepSeek-V3 (multi-latent attention) routes by sigmoid scores in HF")
+        shared, gate = facts.get("shared_expert_ffn_hidden_size"), getattr(args, "moe_shared_expert_gate", False)
+        if qk_norm:
+            if shared:
+                raise ConversionError(f"{where}: args.moe_shared_expert_intermediate_size = {shared} with q/k norms: "
+                                      f"Qwen3-MoE has no shared expert")
+            derived = "Qwen3MoeForCausalLM"
+        elif shared:
+            if not gate:
+                raise ConversionError(f"{where}: args.moe_shared_expert_gate = False: Qwen2-MoE's shared expert is "
+                                      f"gated, and no other HF MoE family without MLA has a shared expert")
+            derived = "Qwen2MoeForCausalLM"
+        elif not all(facts["moe_layers"]):
+            raise ConversionError(f"{where}: args.moe_layer_freq = {getattr(args, 'moe_layer_freq', None)!r} mixes "
+                                  f"dense and MoE layers, which Mixtral cannot (and Qwen2/3-MoE need a shared "
+                                  f"expert or q/k norms)")
+        elif not facts["norm_topk_prob"]:
+            raise ConversionError(f"{where}: args.moe_router_pre_softmax = True (top-k weights not renormalised): "
+                                  f"Mixtral always renormalises, and Qwen2/3-MoE need a shared expert or q/k norms")
+        else:
+            derived = "MixtralForCausalLM"
+    else:
+        derived = ("Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if facts.get("attention_bias") else
+                   "MistralForCausalLM" if facts.get("sliding_window") else "LlamaForCausalLM")
+    stored = getattr(args, "hf_architecture", None)
+    if isinstance(stored, str) and stored not in MODEL_TYPES:
+        family_for(stored, f"{where} (args.hf_architecture)")  # refuses an unknown one by name
+    if isinstance(stored, str) and stored in MODEL_TYPES and _features(stored) == _features(derived):
+        return stored
+    return derived
+
+
+def differing_facts(a: ModelConfig, b: ModelConfig, fields=None) -> list[tuple[str, object, object]]:
+    """The table's facts on which two configs differ, as (field, a's value, b's value)."""
+    names = fields or arch_args.FACTS + ("vocab_size",)
+    out = []
+    for n in names:
+        x, y = getattr(a, n), getattr(b, n)
+        if n == "rope_scaling":
+            x, y = _canonical_rope(x), _canonical_rope(y)
+        if n == "moe_layers" and not (a.num_experts or b.num_experts):
+            continue
+        if x != y:
+            out.append((n, getattr(a, n), getattr(b, n)))
+    return out
+
+
+def _canonical_rope(scaling):
+    """A rope scaling dict as the fields Megatron-Core applies, with their defaults filled in."""
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return None
+    known = ({k: v for k, v in arch_args.LLAMA3_ROPE.items() if k != "rope_type"} | {"factor": 8.0}
+             if kind == "llama3" else {k: d for k, (_, d) in arch_args.YARN.items()} if kind == "yarn" else None)
+    if known is None:
+        return dict(scaling)
+    return {"rope_type": kind} | {k: float(scaling.get(k, d)) for k, d in known.items()}
+
+
+def config_from_args(args: Namespace, where: str, vocab_size: int | None = None) -> ModelConfig:
     for field in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                   "tensor_model_parallel_size", "pipeline_model_parallel_size", "padded_vocab_size"):
         if not isinstance(getattr(args, field, None), int):
             raise ConversionError(f"{where}: args has no integer {field!r}; not a Megatron-Core GPT checkpoint")
-    return _config_from_args(args)
+    return _config_from_args(args, where, vocab_size)
+
+
+# Facts that do not change what the model computes (HF builds rotary tables for any length), so a reference HF
+# config may state its own; vocab_size is checked against the stored rows on its own.
+_PREFLIGHT_EXEMPT = ("max_position_embeddings", "vocab_size")
+
+
+def _model_config(args: Namespace, where: str, vocab_size: int | None, reference: ModelConfig | None) -> ModelConfig:
+    """The args' model; with a reference HF config (`--hf-config`), its family and true vocabulary, after a
+    preflight refusing any fact on which the two disagree (naming it and both values)."""
+    padded = getattr(args, "padded_vocab_size", None)
+    if reference is not None and vocab_size is None:
+        vocab_size = reference.vocab_size
+    divisor = (getattr(args, "make_vocab_size_divisible_by", None) or 128) * (
+        getattr(args, "tensor_model_parallel_size", None) or 1)
+    if vocab_size is not None and isinstance(padded, int) and (
+            vocab_size <= 0 or padded_vocab_size(vocab_size, divisor, 1) != padded):
+        raise ConversionError(f"{'--hf-config' if reference else '--vocab-size'}: vocab_size = {vocab_size} but the "
+                              f"checkpoint stores {padded} rows (args.padded_vocab_size), which Megatron pads to a "
+                              f"multiple of {divisor}: the true vocabulary is between {padded - divisor + 1} and "
+                              f"{padded}")
+    stored_true = getattr(args, "true_vocab_size", None) or getattr(args, "vocab_size", None)
+    if vocab_size is not None and stored_true and stored_true != vocab_size and reference is not None:
+        raise ConversionError(f"--hf-config: vocab_size = {vocab_size} but the checkpoint's args say {stored_true} "
+                              f"(args.true_vocab_size / args.vocab_size)")
+    cfg = config_from_args(args, where, vocab_size)
+    if reference is None:
+        return cfg
+    if reference.architecture != cfg.architecture:
+        if _features(reference.architecture) != _features(cfg.architecture) or cfg.stacks:
+            raise ConversionError(f"--hf-config: architectures = [{reference.architecture!r}] but the checkpoint's "
+                                  f"args describe a {cfg.architecture} model")
+        cfg = dataclasses.replace(cfg, architecture=reference.architecture, model_type=reference.model_type)
+    names = [f for f in arch_args.FACTS if f not in _PREFLIGHT_EXEMPT]
+    diff = differing_facts(reference, cfg, names)
+    if diff:
+        field, ref_value, value = diff[0]
+        raise ConversionError(f"--hf-config: {field} = {ref_value!r} in the HF config but {value!r} in the "
+                              f"checkpoint's args ({where})")
+    return cfg
 
 
 def _family(cfg: ModelConfig, where: str) -> Family:
@@ -225,7 +336,7 @@ def _detect_impl(keys: set[str], family: Family) -> str:
     return "transformer_engine"
 
 
-def _open_legacy(path: str, folder: str) -> MegatronSource:
+def _open_legacy(path: str, folder: str, vocab_size=None, reference=None) -> MegatronSource:
     rank_files = sorted(glob.glob(os.path.join(folder, "mp_rank_*", "model_optim_rng.pt")))
     if not rank_files:
         raise ConversionError(f"{folder}: no mp_rank_*/model_optim_rng.pt files")
@@ -238,7 +349,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
     args = first.get("args") if isinstance(first, dict) else None
     if not isinstance(args, Namespace):
         raise ConversionError(f"{rank_files[0]}: no 'args' namespace; cannot tell the model or its layout")
-    cfg = config_from_args(args, rank_files[0])
+    cfg = _model_config(args, rank_files[0], vocab_size, reference)
     family = _family(cfg, f"{rank_files[0]} (args)")
     for f, (obj, _) in meta.items():
         version = obj.get("checkpoint_version", 0)
@@ -266,6 +377,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
                               f"TP{layout.tp} PP{layout.pp}" + (f" EP{layout.ep}" if layout.ep > 1 else "") + ")")
 
     stored: dict[str, SourceTensor] = {}
+    consumed: set[tuple[str, str, str]] = set()
 
     def stored_tensor(file: str, container: str, key: str) -> SourceTensor:
         obj, offsets = meta[file]
@@ -276,6 +388,7 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
             raise ConversionError(f"{file}: tensor {key!r} is not contiguous; cannot read it in place")
         itemsize = DTYPE_SIZES[ref.storage.dtype]
         name = f"{os.path.relpath(file, path)}/{container}/{key}"
+        consumed.add((file, container, key))
         t = SourceTensor(name, file, ref.storage.dtype, ref.shape, offsets[ref.storage.key] + ref.offset * itemsize,
                          math.prod(ref.shape) * itemsize)
         stored[name] = t
@@ -286,8 +399,10 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
     per_ep = cfg.num_experts // layout.ep if cfg.num_experts else 0
     covers: dict[str, list[Cover]] = defaultdict(list)
     logical: dict[str, SourceTensor] = {}
+    tied_copies = set()
     for rule in family.rules:
         if rule.tied_to and cfg.tie_word_embeddings:
+            tied_copies.add(rule.name(impl, grouped))
             continue
         probe_key = rule.name(impl, grouped)
         if rule.optional and not any(probe_key.format(i=j, e=0) in first[c] for c in containers
@@ -307,19 +422,81 @@ def _open_legacy(path: str, folder: str) -> MegatronSource:
                 _add_covers(covers, rule, impl, names, cfg, tp, r, padded, t.name, t.shape, file)
                 if rule.unsqueeze:  # read as the HF tensor's shape: the same bytes
                     t = stored[t.name] = dataclasses.replace(t, shape=t.shape[rule.unsqueeze:])
+            # The copies Megatron keeps identical (replicated over TP ranks, dense weights over EP ranks, experts
+            # over the TP ranks past ETP) are accounted for by the one read.
+            consumed.update((os.path.join(folder, layout.legacy_rank_file(r, p, k)), layout.container(v), key)
+                            for r in range(layout.tp) for k in ([ep_rank] if rule.expert else range(layout.ep)))
             for n, shape in zip(names, hf_shapes(rule, cfg)):
                 logical[n] = _logical_tensor(n, shape, dtype)
     if legacy_version is not None:
         covers = legacy_gpt.reorder_qkv(covers, legacy_version, cfg.num_attention_heads // layout.tp, cfg.kv_channels)
     fmt = "torch" if legacy_version is None else "legacy_gpt"
-    return MegatronSource(path, fmt, args, cfg, family, layout, stored, dict(covers), logical, rank_files)
+    skipped = _legacy_leftovers(meta, consumed, tied_copies, family)
+    return MegatronSource(path, fmt, args, cfg, family, layout, stored, dict(covers), logical, rank_files, skipped)
+
+
+_RUN_STATE = ("args", "checkpoint_version", "iteration")  # what describes the checkpoint itself, read above
+
+
+def _refs(obj):
+    """The tensors (as `TensorRef`s) anywhere inside a saved object, and how many other leaves it has."""
+    if isinstance(obj, TensorRef):
+        return [obj], 0
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        refs, others = [], 0
+        for x in obj:
+            r, o = _refs(x)
+            refs += r
+            others += o
+        return refs, others
+    return [], 1
+
+
+def _ref_bytes(refs) -> int:
+    return sum(math.prod(r.shape) * DTYPE_SIZES[r.storage.dtype] for r in refs)
+
+
+def _legacy_leftovers(meta, consumed, tied_copies, family) -> dict[str, list[int]]:
+    """Every model tensor of every rank file was consumed by the family's rules, or the checkpoint holds a
+    model this mapping would convert incompletely: refused naming the first ones left over. Everything else
+    (optimizer, rng and scheduler state, `_extra_state`) is skipped, counted by name."""
+    skipped: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    left = []
+    for file, (obj, _) in meta.items():
+        containers = legacy_gpt.model_containers(obj)
+        for top, value in obj.items():
+            if top in _RUN_STATE or top in containers:
+                continue
+            refs, others = _refs(value)
+            skipped[top][0] += len(refs) + others
+            skipped[top][1] += _ref_bytes(refs)
+        for c in containers:
+            for key, value in obj[c].items():
+                refs, others = _refs(value)
+                if key.endswith("_extra_state"):
+                    kind = "_extra_state"
+                elif any(name_pattern(t).fullmatch(key) for t in tied_copies):
+                    kind = "tied output layer (a copy of the embedding)"
+                elif refs and (file, c, key) not in consumed:
+                    left.append(f"{os.path.basename(os.path.dirname(file))}/{c}/{key}")
+                    continue
+                else:
+                    continue
+                skipped[kind][0] += len(refs) + others
+                skipped[kind][1] += _ref_bytes(refs)
+    if left:
+        raise ConversionError(f"{len(left)} model tensors of the checkpoint are not part of the {family.name} "
+                              f"mapping its args describe (first: {', '.join(left[:3])}); converting would drop them")
+    return dict(skipped)
 
 
 # ---------------------------------------------------------------------------------------------------
 # torch_dist folders.
 
 
-def _open_torch_dist(path: str, folder: str) -> MegatronSource:
+def _open_torch_dist(path: str, folder: str, vocab_size=None, reference=None) -> MegatronSource:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     md = read_dcp_metadata(folder)
@@ -330,7 +507,7 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
     args = common.get("args") if isinstance(common, dict) else None
     if not isinstance(args, Namespace):
         raise ConversionError(f"{common_path}: no 'args' namespace; cannot tell the model")
-    cfg = config_from_args(args, common_path)
+    cfg = _model_config(args, common_path, vocab_size, reference)
     family = _family(cfg, f"{common_path} (args)")
     tensors = {k: m for k, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
     layout = source_layout(args, "torch_dist", "transformer_engine", False)
@@ -344,6 +521,7 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
     covers: dict[str, list[Cover]] = defaultdict(list)
     logical: dict[str, SourceTensor] = {}
     padded = None
+    used: set[str] = set()
     for rule in family.rules:
         if rule.tied_to and cfg.tie_word_embeddings:
             continue
@@ -370,6 +548,7 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
             for key, first, expected in rule.dist_sections(key, full_shape(rule.kind, shapes, padded_vocab), cfg):
                 if key not in tensors:
                     raise ConversionError(f"{folder}: tensor {key!r} missing from the checkpoint's metadata")
+                used.add(key)
                 meta = tensors[key]
                 if tuple(meta.size[len(lead):]) != expected:
                     raise ConversionError(f"{folder}: tensor {key!r} has global shape {list(meta.size)}, but the "
@@ -382,7 +561,37 @@ def _open_torch_dist(path: str, folder: str) -> MegatronSource:
             for n, shape in zip(names, shapes):
                 logical[n] = _logical_tensor(n, shape, dtype)
     _check_covered(logical, covers, folder)
-    return MegatronSource(path, "torch_dist", args, cfg, family, layout, stored, dict(covers), logical, files)
+    skipped = _dist_leftovers(md, used, common, folder, family)
+    return MegatronSource(path, "torch_dist", args, cfg, family, layout, stored, dict(covers), logical, files, skipped)
+
+
+def _dist_leftovers(md, used: set[str], common: dict, folder: str, family: Family) -> dict[str, list[int]]:
+    """As `_legacy_leftovers`, for DCP keys: `optimizer.*`, `rng_state`, `*._extra_state` are skipped by name
+    (with common.pt's optimizer and scheduler state); any other tensor not consumed is refused."""
+    sizes: dict[str, int] = defaultdict(int)
+    for idx, info in md.storage_data.items():
+        sizes[idx.fqn] += info.length
+    skipped: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    left = []
+    for key, meta in md.state_dict_metadata.items():
+        kind = ("optimizer" if key.startswith("optimizer.") else "rng_state" if key.startswith("rng_state") else
+                "_extra_state" if "._extra_state" in key else None)
+        if kind is None and not hasattr(meta, "chunks"):  # an object (not a tensor) no rule reads
+            kind = key.split("/")[0]
+        if kind is None:
+            if key not in used:
+                left.append(key)
+            continue
+        skipped[kind][0] += 1
+        skipped[kind][1] += sizes[key]
+    for top, value in common.items():
+        if top not in _RUN_STATE:
+            skipped[f"common.pt {top}"][0] += 1
+    if left:
+        raise ConversionError(f"{folder}: {len(left)} model tensors of the checkpoint are not part of the "
+                              f"{family.name} mapping its args describe (first: {', '.join(sorted(left)[:3])}); "
+                              f"converting would drop them")
+    return dict(skipped)
 
 
 def _add_chunk_covers(stored, covers, folder, key, meta, lead, first, storage, full_pieces, names, shapes, dtype):
@@ -426,8 +635,17 @@ def _check_covered(logical: dict[str, SourceTensor], covers: dict[str, list[Cove
                                   f"of {name}")
 
 
-def open_source(path: str) -> MegatronSource:
+def open_source(path: str, vocab_size: int | None = None, reference: ModelConfig | None = None) -> MegatronSource:
+    """`vocab_size`: the true vocabulary (`--vocab-size`); `reference`: an HF config the checkpoint must match
+    (`--hf-config`), which also gives the family and the true vocabulary."""
     folder = iteration_dir(path)
     if os.path.exists(os.path.join(folder, "metadata.json")):
-        return _open_torch_dist(path, folder)
-    return _open_legacy(path, folder)
+        return _open_torch_dist(path, folder, vocab_size, reference)
+    return _open_legacy(path, folder, vocab_size, reference)
+
+
+def true_vocab_known(source: MegatronSource, vocab_size: int | None) -> bool:
+    """Whether the checkpoint (or the command line) states the unpadded vocabulary: a run with an HF tokenizer
+    stores only args.padded_vocab_size, and its padding rows are indistinguishable from real ones."""
+    a = source.args
+    return bool(vocab_size or getattr(a, "true_vocab_size", None) or getattr(a, "vocab_size", None))

@@ -200,5 +200,6 @@ def test_megatron_lm_reads_num_query_groups_only_with_group_query_attention(gqa,
 
     args = Namespace(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                      tensor_model_parallel_size=1, pipeline_model_parallel_size=1, padded_vocab_size=256,
-                     num_query_groups=1, group_query_attention=gqa)
+                     num_query_groups=1, group_query_attention=gqa, normalization="RMSNorm", swiglu=True,
+                     position_embedding_type="rope", add_bias_linear=False)
     assert config_from_args(args, "args").num_query_groups == groups

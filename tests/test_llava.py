@@ -167,6 +167,20 @@ def test_export_without_stored_hf_config(llava, converted, tmp_path, src):
     assert torch.equal(logits[0], logits[1])
 
 
+def test_hf_config_preflight_reads_text_config(llava, converted):
+    """--hf-config of a LLaVA conversion: the language model's sizes live in text_config, which the preflight
+    reads (and names a difference there)."""
+    from dist_reshard.hf_config import config_from_dict, read_config
+    from dist_reshard.megatron_source import open_source
+
+    source = open_source(str(converted / "hf_torch"), reference=read_config(str(llava / "hf")))
+    assert source.config.num_layers == read_config(str(llava / "hf")).num_layers
+    raw = json.loads((llava / "hf" / "config.json").read_text())
+    raw["text_config"] = dict(raw["text_config"], num_hidden_layers=raw["text_config"]["num_hidden_layers"] + 1)
+    with pytest.raises(ConversionError, match="--hf-config: num_layers = "):
+        open_source(str(converted / "hf_torch"), reference=config_from_dict(raw))
+
+
 def test_siglip_pre_norm_features_differ(llava):
     """Why a SigLIP tower without tie_last_hidden_states is refused: HF LLaVA then reads the last layer before
     post_layernorm, which changes its logits far beyond the 1e-4 that the converted (ln_post) model meets."""

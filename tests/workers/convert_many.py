@@ -29,7 +29,7 @@ if __name__ == "__main__":
                 layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)
         job = run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True,
                           bucket_bytes=case.get("bucket_bytes", 256 << 20), src=case.get("src", "hf"),
-                          hf_config=case.get("hf_config"), layer_pattern=case.get("layer_pattern"),
+                          hf_config=case.get("hf_config"), vocab_size=case.get("vocab_size"), layer_pattern=case.get("layer_pattern"),
                           device=case.get("device", "auto"), loopback=case.get("loopback", False)))
         if collectives.rank() == 0:
             with open(case["save"] + ".report.json", "w") as f:

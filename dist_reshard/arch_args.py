@@ -311,11 +311,22 @@ def write(cfg) -> dict:
     return out
 
 
+# GPT-OSS's own attention and MLP flags (megatron_args._gpt_oss_args writes them; its sinks, softmax_type
+# "learnable", mark its args): the rows above that they replace, and the facts they state instead.
+GPT_OSS_ARGS = ("add_bias_linear", "swiglu", "quick_geglu", "glu_linear_offset", "activation_func_clamp_value",
+                "softmax_type", "window_attn_skip_freq", "position_embedding_type")
+GPT_OSS_FACTS = ("rope_scaling", "sliding_window")
+
+
+def gpt_oss(args: Namespace) -> bool:
+    return _get(args, ("softmax_type",), "vanilla") == "learnable"
+
+
 def check_fixed(args: Namespace, where: str) -> None:
     """Refuse, naming it, the first arg (or Megatron-LM's default for a missing one) that the families cannot
     express."""
     for row in FIXED:
-        if not row.on[1](args):
+        if not row.on[1](args) or (gpt_oss(args) and row.names[0] in GPT_OSS_ARGS):
             continue
         value = _get(args, row.names, _ABSENT)
         if value is _ABSENT:

@@ -113,6 +113,8 @@ def _config_from_args(args: Namespace, where: str = "args", vocab_size: int | No
 
         return llava_config_from_args(args, "args")
     facts = arch_args.read(args, where)
+    if arch_args.gpt_oss(args):
+        return _gpt_oss_config(args, facts, stored, where, vocab_size)
     arch = architecture_from_args(args, facts, where)
     true_vocab = vocab_size or getattr(args, "true_vocab_size", None) or getattr(args, "vocab_size", None)
     cfg = ModelConfig(
@@ -127,6 +129,24 @@ def _config_from_args(args: Namespace, where: str = "args", vocab_size: int | No
         if kept is not None and kept.architecture == arch and not differing_facts(kept, cfg):
             return dataclasses.replace(kept, vocab_size=cfg.vocab_size)
     return cfg
+
+
+def _gpt_oss_config(args, facts, stored, where, vocab_size) -> ModelConfig:
+    """GPT-OSS args (its sinks: softmax_type "learnable"): the per-layer attention pattern, the clamp and the
+    YaRN fields have no ModelConfig facts, so the HF config this project stores beside them is the model,
+    checked against every fact the args do state."""
+    if not (isinstance(stored, dict) and stored.get("model_type") == "gpt_oss"):
+        raise ConversionError(f"{where}: GPT-OSS args (softmax_type 'learnable') without the GPT-OSS HF config "
+                              f"(args.hf_config) that states its layer_types and swiglu_limit")
+    kept = config_from_dict(stored, "args.hf_config")
+    if vocab_size:
+        kept = dataclasses.replace(kept, vocab_size=vocab_size)
+    checked = [f for f in arch_args.FACTS if f in facts and f not in arch_args.GPT_OSS_FACTS]
+    diff = differing_facts(kept, dataclasses.replace(kept, **{f: facts[f] for f in checked}), checked)
+    if diff:
+        field, value, arg_value = diff[0]
+        raise ConversionError(f"{where}: args.hf_config states {field} = {value!r} but the args {arg_value!r}")
+    return kept
 
 
 # The HF architecture each family is written as, and its model_type.

@@ -479,15 +479,21 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
     me = view.rank
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
-    tensors = _allocate(view.targets)
-    direct = {} if opts.loopback else pass_through.direct_reads(view, plan.items, targets, index)
-    # The writers copy direct items from the source file themselves, in the kernel (writers/splice.py).
-    splices = pass_through.splices(direct, plan.items, tensors, targets)
+    hf_out = opts.layout.ckpt_format == "hf"
+    setup_error = None
+    try:  # a rank that cannot allocate its share (or build the args) says so before any peer waits for it
+        faults.maybe_fail(me, "allocate")
+        tensors = _allocate(view.targets)
+        direct = {} if opts.loopback else pass_through.direct_reads(view, plan.items, targets, index)
+        # The writers copy direct items from the source file themselves, in the kernel (writers/splice.py).
+        splices = pass_through.splices(direct, plan.items, tensors, targets)
+        args = None if hf_out else _output_args(opts, plan, cfg, family, source)
+    except Exception as e:  # noqa: BLE001 - agreed on right below
+        setup_error = e
+    collectives.agree(setup_error, device)
     passed_through = [0]  # direct items' bytes the reader thread has handed to the writers so far
     reader = RangeReader()
     bar = _progress_bar(opts, plan) if me == 0 else None
-    hf_out = opts.layout.ckpt_format == "hf"
-    args = None if hf_out else _output_args(opts, plan, cfg, family, source)
 
     # Legacy and HF files are written on background threads as soon as the last bucket that fills them has
     # landed, while later buckets are read and exchanged; their tensors are freed once written.

@@ -1,6 +1,6 @@
 """Failure injection for the failure-propagation tests: `DIST_RESHARD_FAULT=RANK:POINT:ACTION`.
 
-POINT is `read`, `exchange` (before the all-to-all), `unpack` (after it), `write` (after the rank's first file) or `publish` (every file written, before
+POINT is `allocate`, `read`, `exchange` (before the all-to-all), `unpack` (after it), `write` (after the rank's first file) or `publish` (every file written, before
 the output is published); RANK is a rank or `*` (every rank); ACTION is `raise` (an unexpected exception),
 `kill` (SIGKILL, as an OOM killer would), `hang` (stop responding) or `pause` (say so on stderr, then wait
 5 s: time for a test to act at that point). Unset, it does nothing.

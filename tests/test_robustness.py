@@ -150,11 +150,11 @@ def _error_lines(proc):
     return [line for line in proc.stderr.splitlines() if "dist_reshard: error:" in line]
 
 
-@pytest.mark.parametrize("fault", ["1:exchange:raise", "0:unpack:raise"])
+@pytest.mark.parametrize("fault", ["1:allocate:raise", "1:exchange:raise", "0:unpack:raise"])
 def test_exception_during_exchange_ends_every_rank_at_the_default_timeout(hf_models, tmp_path, fault):
-    """Raised on one rank between its read and the all-to-all (agreed before it), or while unpacking what it
-    received (agreed at the next boundary): the peer never sits in a collective for the default --timeout
-    (1800 s)."""
+    """Raised on one rank while it allocates its share, between its read and the all-to-all (agreed before
+    it), or while unpacking what it received (agreed at the next boundary): the peer never sits in a
+    collective for the default --timeout (1800 s)."""
     save = tmp_path / "out"
     proc, elapsed = _run(hf_models["llama3"], save, fault=fault)
     errors = _error_lines(proc)

@@ -199,6 +199,7 @@ ROWS: tuple[Arg, ...] = (
         read=lambda v, a: _window_read(v)),
     # Rotary embedding of ordinary attention (MLA's follows below; Nemotron-H has none).
     Arg("rope_theta", ("rotary_base",), default=10000, read=lambda v, a: float(v), on=_ROPE),
+    Arg("rotary_percent", ("rotary_percent",), default=1.0, read=lambda v, a: float(v), on=_ROPE),
     Arg("rope_scaling", ("use_rope_scaling",), default=False, write=_llama3_write, read=_llama3_read,
         on=(_gpt, _rope_args)),
     Arg(None, ("rope_scaling_factor",), write=lambda c: float(c.rope_scaling["factor"]) if _llama3_write(c) else 8.0,
@@ -279,7 +280,7 @@ FIXED: tuple[Fixed, ...] = (
     Fixed(("quick_geglu",), False, False, "the HF families use no GeGLU"),
     Fixed(("glu_linear_offset",), 0.0, 0.0, "HF's SwiGLU adds no offset to the linear half", accept=(0,)),
     Fixed(("activation_func_clamp_value",), None, None, "HF's activation is not clamped"),
-    Fixed(("rotary_percent",), 1.0, 1.0, "the HF families rotate the whole head dimension", accept=(1,), on=_GPT),
+    Fixed(("rotary_percent",), 1.0, 1.0, "DeepSeek-V3 rotates the whole rope head dimension", accept=(1,), on=_MLA),
     Fixed(("rotary_interleaved",), False, False, "the HF families rotate the two halves of the head, not "
           "interleaved pairs", on=_GPT),
     Fixed(("rotary_seq_len_interpolation_factor",), None, None, "HF has no position interpolation factor", on=_GPT),

@@ -37,6 +37,7 @@ class ModelConfig:
     dtype: str | None  # "bf16" | "fp16" | "fp32" | None
     sliding_window: int | None
     raw: dict
+    rotary_percent: float = 1.0  # the share of each head's channels rotated (HF `partial_rotary_factor`)
     # Mixture of experts (num_experts 0: dense). moe_layers[i] says whether layer i routes to experts.
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
@@ -231,6 +232,8 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         dtype=_DTYPE_NAMES.get(dtype) if isinstance(dtype, str) else None,
         sliding_window=window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None,
         raw=raw if hybrid else cfg,
+        rotary_percent=_float(cfg, "partial_rotary_factor", path, _float(rope_params, "partial_rotary_factor", path,
+                                                                         1.0)),
         **moe,
         **mla,
         **hybrid,

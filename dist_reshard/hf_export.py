@@ -59,6 +59,8 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
         out["sliding_window"] = None
     if cfg.rope_scaling:
         out["rope_scaling"] = dict(cfg.rope_scaling)
+    if cfg.rotary_percent != 1.0:
+        out["partial_rotary_factor"] = cfg.rotary_percent
     if cfg.mla:
         out.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
                    qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
@@ -69,7 +71,7 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
     out["num_experts_per_tok"] = cfg.moe_topk
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn_hidden_size)
-    elif cfg.mla:
+    elif cfg.mla or cfg.router_score == "sigmoid":  # DeepSeek-V3's and GLM-4.5's fields
         first_dense = next((i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)), cfg.num_layers)
         if any(not cfg.is_moe_layer(i) for i in range(first_dense, cfg.num_layers)):
             raise ConversionError(f"moe layers {[int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]}: "

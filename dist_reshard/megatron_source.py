@@ -153,6 +153,7 @@ def _gpt_oss_config(args, facts, stored, where, vocab_size) -> ModelConfig:
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
+               "Glm4MoeForCausalLM": "glm4_moe",
                "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2"}
 
 
@@ -163,6 +164,14 @@ def _features(arch: str) -> tuple:
             arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"),
             arch == "Qwen2MoeForCausalLM", arch == "DeepseekV3ForCausalLM",
             arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"))
+
+
+def _glm_stated(args: Namespace, qk_norm: bool) -> bool:
+    """The args are GLM-4.5's: this project's `hf_architecture` says so, and its q/k norms (a config switch no
+    fact states) are stated by the stored HF config when the args have them."""
+    stored = getattr(args, "hf_config", None)
+    return getattr(args, "hf_architecture", None) == "Glm4MoeForCausalLM" and (
+        not qk_norm or (isinstance(stored, dict) and stored.get("use_qk_norm") is True))
 
 
 def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
@@ -181,8 +190,12 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
         derived = "DeepseekV3ForCausalLM"
     elif facts.get("num_experts"):
         if facts.get("router_score") != "softmax":
-            raise ConversionError(f"{where}: args.moe_router_score_function = {facts.get('router_score')!r}: only "
-                                  f"DeepSeek-V3 (multi-latent attention) routes by sigmoid scores in HF")
+            if not (facts.get("router_score") == "sigmoid" and _glm_stated(args, qk_norm)):
+                raise ConversionError(f"{where}: args.moe_router_score_function = {facts.get('router_score')!r}: HF "
+                                      f"routes by sigmoid scores only in DeepSeek-V3 (multi-latent attention) and "
+                                      f"GLM-4.5 (which args.hf_architecture names, with args.hf_config when it has "
+                                      f"q/k norms)")
+            return "Glm4MoeForCausalLM"
         shared, gate = facts.get("shared_expert_ffn_hidden_size"), getattr(args, "moe_shared_expert_gate", False)
         if qk_norm:
             if shared:
@@ -206,6 +219,9 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
     else:
         derived = ("Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if facts.get("attention_bias") else
                    "MistralForCausalLM" if facts.get("sliding_window") else "LlamaForCausalLM")
+    if facts.get("rotary_percent", 1.0) != 1.0:
+        raise ConversionError(f"{where}: args.rotary_percent = {facts['rotary_percent']!r}: of the HF families only "
+                              f"GLM-4.5 rotates part of each head, and {derived} rotates all of it")
     stored = getattr(args, "hf_architecture", None)
     if isinstance(stored, str) and stored not in MODEL_TYPES:
         family_for(stored, f"{where} (args.hf_architecture)")  # refuses an unknown one by name

@@ -47,12 +47,18 @@ VARIANTS = {
     "moonlight": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(_DEEPSEEK, q_lora_rank=None)),
 }
 
-# GPT-OSS, kept apart from VARIANTS (whose suites also convert back to HF): 4 experts, top 2, a sliding window of
-# 4 tokens on alternate layers (the logits checks run 12), and a GLU clamp low enough to bite at this scale.
-GPT_OSS_VARIANTS = {
+# Families with suites of their own, kept apart from VARIANTS (whose suites run every variant).
+# GPT-OSS: 4 experts, top 2, a sliding window of 4 tokens on alternate layers (the logits checks run 12), and a
+# GLU clamp low enough to bite at this scale. GLM-4.5: layer 0 dense, then 8 routed experts behind the sigmoid
+# router and one shared expert, q/k/v bias and q/k norms, rotary on half of each head (its default).
+OWN_SUITE_VARIANTS = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
         swiglu_limit=0.6, tie_word_embeddings=False)),
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
+        head_dim=16, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
+        use_qk_norm=True, tie_word_embeddings=False)),
 }
 
 # Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in
@@ -74,7 +80,7 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
     import torch
     import transformers
 
-    config_cls, model_cls, extra = {**VARIANTS, **HYBRID_VARIANTS, **GPT_OSS_VARIANTS}[variant]
+    config_cls, model_cls, extra = {**VARIANTS, **HYBRID_VARIANTS, **OWN_SUITE_VARIANTS}[variant]
     kw = dict(BASE, **extra)
     kw.update(overrides)
     config = getattr(transformers, config_cls)(**kw)

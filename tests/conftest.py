@@ -44,6 +44,17 @@ def mcore_check(nproc: int, cases: list[dict], workdir) -> list[dict]:
         return json.load(f)
 
 
+def assert_same_hf(original: str, back: str) -> None:
+    """Two HF folders hold the same tensors, byte for byte, and the same config.json."""
+    want, got = load_hf_state(original), load_hf_state(back)
+    assert sorted(got) == sorted(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name].contiguous().view(torch.uint8), t.contiguous().view(torch.uint8)), name
+    with open(os.path.join(original, "config.json")) as f, open(os.path.join(back, "config.json")) as g:
+        assert json.load(g) == json.load(f)
+
+
 @pytest.fixture(scope="session")
 def hf_models(tmp_path_factory):
     """Each family variant as a tiny seeded float32 HF folder with several safetensors shards."""

@@ -13,6 +13,7 @@ EXPERTS = {
     "Qwen2MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "DeepseekV3ForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    "Glm4MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
 }
 
 
@@ -23,7 +24,7 @@ def num_experts(config) -> int:
 def is_moe(config, i: int) -> bool:
     if config.architectures[0] == "MixtralForCausalLM":
         return True
-    if config.architectures[0] == "DeepseekV3ForCausalLM":
+    if config.architectures[0] in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"):
         return i >= config.first_k_dense_replace
     step = getattr(config, "decoder_sparse_step", 1) or 1
     return i not in (getattr(config, "mlp_only_layers", None) or []) and (i + 1) % step == 0

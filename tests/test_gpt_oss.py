@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import load_hf_config, load_hf_state, mcore_check
+from conftest import assert_same_hf, load_hf_config, load_hf_state, mcore_check
 from dist_reshard.tiny_models import build_model, save_model
 from test_moe import check_legacy, check_torch_dist
 
@@ -148,13 +148,7 @@ def test_gpt_oss_fused_expert_of_wrong_shape_is_refused(gpt_oss, tmp_path):
 @pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
 def test_gpt_oss_way_back_is_byte_identical(converted, gpt_oss, fmt):
     """Megatron -> HF writes the fused expert tensors again: every tensor's bytes and the config as they were."""
-    original, back = load_hf_state(gpt_oss), load_hf_state(converted[fmt]["back"])
-    assert sorted(back) == sorted(original)
-    for name, t in original.items():
-        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
-        assert torch.equal(back[name].view(torch.uint8), t.view(torch.uint8)), name
-    with open(os.path.join(gpt_oss, "config.json")) as f, open(os.path.join(converted[fmt]["back"], "config.json")) as g:
-        assert json.load(g) == json.load(f)
+    assert_same_hf(gpt_oss, converted[fmt]["back"])
 
 
 def test_mxfp4_experts_decode_as_transformers_decodes_them(gpt_oss_mxfp4):

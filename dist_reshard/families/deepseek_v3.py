@@ -54,6 +54,22 @@ def _local_keys_unmapped(r):
     return dataclasses.replace(r, local_dist_key=None) if r.local_dist_key else r
 
 
+def check_sigmoid_routing(cfg) -> None:
+    """DeepSeek-style routing Megatron-Core cannot express (shared by the families that route this way)."""
+    from ..errors import ConversionError
+
+    if cfg.router_score != "sigmoid" or (cfg.moe_topk > 1 and not cfg.norm_topk_prob):
+        # Megatron's sigmoid router always renormalises the top-k weights.
+        raise ConversionError(f"config.json: scoring_func {cfg.router_score!r} with norm_topk_prob "
+                              f"{cfg.norm_topk_prob}: Megatron-Core's router expresses only sigmoid scores "
+                              f"with renormalised top-k weights")
+    if cfg.router_groups > 1 and cfg.moe_topk // cfg.router_group_topk != 2:
+        # HF ranks expert groups by their best two scores; Megatron by their best topk // topk_group.
+        raise ConversionError(f"config.json: num_experts_per_tok {cfg.moe_topk} / topk_group "
+                              f"{cfg.router_group_topk} is not 2: Megatron-Core ranks expert groups by their "
+                              f"top {cfg.moe_topk // cfg.router_group_topk} scores where HF uses the top 2")
+
+
 class DeepseekV3(Family):
     def check(self, cfg) -> None:
         from ..errors import ConversionError
@@ -65,16 +81,7 @@ class DeepseekV3(Family):
             # Megatron's MLA always de-interleaves the rotary half of q and k, as HF does by default.
             raise ConversionError("config.json: rope_interleave = false: Megatron-Core's multi-latent attention "
                                   "always applies rotary embeddings to de-interleaved channels")
-        if cfg.router_score != "sigmoid" or (cfg.moe_topk > 1 and not cfg.norm_topk_prob):
-            # Megatron's sigmoid router always renormalises the top-k weights.
-            raise ConversionError(f"config.json: scoring_func {cfg.router_score!r} with norm_topk_prob "
-                                  f"{cfg.norm_topk_prob}: Megatron-Core's router expresses only sigmoid scores "
-                                  f"with renormalised top-k weights")
-        if cfg.router_groups > 1 and cfg.moe_topk // cfg.router_group_topk != 2:
-            # HF ranks expert groups by their best two scores; Megatron by their best topk // topk_group.
-            raise ConversionError(f"config.json: num_experts_per_tok {cfg.moe_topk} / topk_group "
-                                  f"{cfg.router_group_topk} is not 2: Megatron-Core ranks expert groups by their "
-                                  f"top {cfg.moe_topk // cfg.router_group_topk} scores where HF uses the top 2")
+        check_sigmoid_routing(cfg)
 
 
 DEEPSEEK_V3 = DeepseekV3("deepseek_v3", ("DeepseekV3ForCausalLM",), tuple(_local_keys_unmapped(r) for r in (

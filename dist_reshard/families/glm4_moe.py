@@ -1,0 +1,25 @@
+"""GLM-4.5 / 4.6 (`Glm4MoeForCausalLM`): GQA attention with a q/k/v bias and optional per-head q/k norms
+(`use_qk_norm`), rotary embeddings on the first `partial_rotary_factor` of each head (Megatron's
+`rotary_percent`), dense layers before `first_k_dense_replace`, then routed experts behind DeepSeek-V3's
+sigmoid router with its selection bias (`e_score_correction_bias`) and ungated shared experts. The
+multi-token-prediction layer stored after the decoder is refused unless `--drop-mtp` (see mapping.mtp_layer).
+"""
+
+import dataclasses
+
+from ..mapping import Family
+from .deepseek_v3 import ROUTER_BIAS, check_sigmoid_routing
+from .llama import ATTENTION, DENSE_MLP, EMBEDDING, FINAL
+from .moe import routed_experts, shared_expert
+from .qwen3 import QK_NORM
+
+
+class Glm4Moe(Family):
+    def check(self, cfg) -> None:
+        check_sigmoid_routing(cfg)
+
+
+GLM4_MOE = Glm4Moe("glm4_moe", ("Glm4MoeForCausalLM",), (
+    EMBEDDING + ATTENTION + tuple(dataclasses.replace(r, optional=True) for r in QK_NORM) + DENSE_MLP
+    + routed_experts("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj") + ROUTER_BIAS
+    + shared_expert("mlp.shared_experts", gate=None) + FINAL))

@@ -15,7 +15,6 @@ Vocabulary:
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from collections import defaultdict
@@ -44,8 +43,7 @@ class WriteUnit:
     nbytes: int
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):  # a tuple: made once per tensor of every output file (440k in the 671B legacy plan)
     index: int
     unit: int
     container: str | None  # legacy state-dict container ("model", "model0", ...); None for torch_dist
@@ -77,8 +75,7 @@ class Target:
         return any(p.source is None for p in self.pieces)
 
 
-@dataclass(frozen=True)
-class ReadItem:
+class ReadItem(NamedTuple):  # a tuple, like Target
     index: int
     source: str
     file: str
@@ -517,35 +514,35 @@ def _read_span(src: SourceTensor, rows: tuple[int, int], scale: tuple | None = N
 
 def _plan_reads(targets: list[Target], units: list[WriteUnit], index: dict[str, SourceTensor], world: int,
                 max_item_bytes: int, max_sent_bytes: int) -> tuple[list[ReadItem], list[Fanout]]:
-    uses: dict[str, list[tuple[Piece, Target]]] = defaultdict(list)
+    # Targets sharing one pieces tuple (the EP copies of a legacy dense shard) consume alike: each piece is
+    # listed once with all of them, not once per copy.
+    alike: dict[int, tuple[tuple[Piece, ...], list[Target]]] = {}
     for t in targets:
-        for p in t.pieces:
+        g = alike.get(id(t.pieces))
+        if g is None:
+            g = alike[id(t.pieces)] = (t.pieces, [])
+        g[1].append(t)
+    uses: dict[str, list[tuple[Piece, list[Target]]]] = defaultdict(list)
+    for pieces, ts in alike.values():
+        for p in pieces:
             if p.source is not None:
-                uses[p.source].append((p, t))
+                uses[p.source].append((p, ts))
 
     writer_of_unit = {u.index: u.writer for u in units}
 
-    def consumers(src: SourceTensor, covering: list[tuple[Piece, Target]]):
+    def consumers(src: SourceTensor, covering: list[tuple[Piece, list[Target]]]):
         """(piece, bytes per row, targets, their writers) of each group of consumers placing the run alike,
         and the rank that writes the most of them (by bytes per row): computed once for all the runs a cut is
         split into."""
-        if len(covering) == 1:  # most runs (an expert's rows for one TP shard): one consumer
-            p, t = covering[0]
+        if len(covering) == 1 and len(covering[0][1]) == 1:  # most runs (an expert's rows for one TP shard)
+            p, (t,) = covering[0]
             w = writer_of_unit[t.unit]
             return [(p, _piece_bytes(src, p, (0, 1)), (t.index,), (w,))], w
-        # Grouped by the piece object: the EP copies of a legacy dense target share theirs (equal pieces
-        # that are separate objects just stay separate fanouts).
-        groups: dict[int, tuple[Piece, list, list]] = {}
-        for p, t in covering:
-            g = groups.get(id(p))
-            if g is None:
-                g = groups[id(p)] = (p, [], [])
-            g[1].append(t.index)
-            g[2].append(writer_of_unit[t.unit])
         out, by_writer = [], {}
-        for p, ts, ws in groups.values():
+        for p, ts in covering:
             width = _piece_bytes(src, p, (0, 1))
-            out.append((p, width, tuple(ts), tuple(ws)))
+            ws = tuple(writer_of_unit[t.unit] for t in ts)
+            out.append((p, width, tuple(t.index for t in ts), ws))
             for w in ws:
                 by_writer[w] = by_writer.get(w, 0) + width
         most = max(by_writer.values())
@@ -768,7 +765,7 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     if skip_paths:
         pairs = [(k, t) for k, t in pairs if path_of(k) not in skip_paths]
     if source is not None:
-        pairs = [(k, dataclasses.replace(t, pieces=_translate(t.pieces, source.covers, index))) for k, t in pairs]
+        pairs = [(k, t._replace(pieces=_translate(t.pieces, source.covers, index))) for k, t in pairs]
         index = source.stored
 
     unit_keys: dict[tuple, int] = {}
@@ -784,7 +781,7 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
             nbytes = sizes[id(t)] = t.nbytes
         unit_bytes[u] += nbytes
         targets.append(Target(len(targets), u, t.container, t.key, t.shape, t.dtype, t.pieces, t.global_shape,
-                              t.global_offset, t.lead, t.stored_layout))  # not dataclasses.replace: runs once per target
+                              t.global_offset, t.lead, t.stored_layout))  # not _replace: runs once per target
     first_target: dict[int, Target] = {}
     for t in targets:
         first_target.setdefault(t.unit, t)

@@ -15,6 +15,7 @@ Vocabulary:
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 from collections import defaultdict
@@ -747,6 +748,18 @@ def make_plan(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig, 
     `skip_paths` names output files already written (a resumed job): their targets are left out, so
     nothing is read or sent for them.
     """
+    # The plan is millions of small acyclic tuples made in one go; the cyclic collector would rescan all of
+    # them again and again while they are made (half the 671B legacy plan's time), and has nothing to free.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, skip_paths, source)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, skip_paths, source) -> Plan:
     if world < 1:
         raise ConversionError(f"world size {world}: must be at least 1")
     layout.validate(cfg)

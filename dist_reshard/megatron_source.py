@@ -153,7 +153,7 @@ def _gpt_oss_config(args, facts, stored, where, vocab_size) -> ModelConfig:
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
-               "Glm4MoeForCausalLM": "glm4_moe",
+               "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2"}
 
 
@@ -161,8 +161,9 @@ def _features(arch: str) -> tuple:
     """What an architecture's modules hold beyond a dense Llama: (q/k norms, experts, shared expert gate,
     multi-latent attention, mamba mixers)."""
     return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM"),
-            arch == "Qwen2MoeForCausalLM", arch == "DeepseekV3ForCausalLM",
+            arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
+                     "Glm4MoeLiteForCausalLM"),
+            arch == "Qwen2MoeForCausalLM", arch in ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM"),
             arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"))
 
 

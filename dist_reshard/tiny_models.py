@@ -59,6 +59,9 @@ OWN_SUITE_VARIANTS = {
         head_dim=16, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
         num_experts_per_tok=2, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
         use_qk_norm=True, tie_word_embeddings=False)),
+    # GLM-4.7-Flash: the GLM router on DeepSeek-V3's multi-latent attention (the DeepSeek sizes).
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(_DEEPSEEK, n_group=1, topk_group=1,
+                                                                          routed_scaling_factor=1.8)),
 }
 
 # Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in

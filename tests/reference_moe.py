@@ -14,7 +14,9 @@ EXPERTS = {
     "Qwen3MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "DeepseekV3ForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "Glm4MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    "Glm4MoeLiteForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
 }
+MLA_ARCHS = ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM")
 
 
 def num_experts(config) -> int:
@@ -24,7 +26,7 @@ def num_experts(config) -> int:
 def is_moe(config, i: int) -> bool:
     if config.architectures[0] == "MixtralForCausalLM":
         return True
-    if config.architectures[0] in ("DeepseekV3ForCausalLM", "Glm4MoeForCausalLM"):
+    if config.architectures[0] in MLA_ARCHS + ("Glm4MoeForCausalLM",):
         return i >= config.first_k_dense_replace
     step = getattr(config, "decoder_sparse_step", 1) or 1
     return i not in (getattr(config, "mlp_only_layers", None) or []) and (i + 1) % step == 0
@@ -33,7 +35,7 @@ def is_moe(config, i: int) -> bool:
 def layer(hf, config, i: int) -> dict[str, object]:
     """TE-named tensors of layer i; routed experts as {"experts.linear_fc1.weight": [per expert]}."""
     p = f"model.layers.{i}."
-    out = mla_attention(hf, p) if config.architectures[0] == "DeepseekV3ForCausalLM" else attention(
+    out = mla_attention(hf, p) if config.architectures[0] in MLA_ARCHS else attention(
         hf, p, config.num_key_value_heads)
     if not is_moe(config, i):
         out["mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
@@ -144,7 +146,7 @@ def torch_dist_tensors(hf, config, tp: int, impl: str = "transformer_engine") ->
            "output_layer.weight": _vocab(hf["lm_head.weight"], vocab)}
     layers = [layer(hf, config, i) for i in range(L)]
 
-    mla = config.architectures[0] == "DeepseekV3ForCausalLM"
+    mla = config.architectures[0] in MLA_ARCHS
 
     def key_of(name):
         if name.startswith("experts."):

@@ -1,7 +1,8 @@
-"""GLM-4.5 (`Glm4MoeForCausalLM`): one torchrun job converts a tiny seeded model to legacy TP2 x PP2 x EP2 and
-torch_dist TP2 x EP2, loads each into real Megatron-Core on CPU with the HF logits (sigmoid router with its
-selection bias, shared expert, a dense first layer, q/k/v bias, q/k norms, rotary on half of each head), and
-converts both back to the HF folder's bytes; the files equal the reference transform bit for bit."""
+"""GLM-4.5 (`Glm4MoeForCausalLM`) and GLM-4.7-Flash (`Glm4MoeLiteForCausalLM`): one torchrun job converts a
+tiny seeded model of each to legacy TP2 x PP2 x EP2 and torch_dist TP2 x EP2, loads each into real Megatron-Core
+on CPU with the HF logits (sigmoid router with its selection bias, shared expert, a dense first layer; GLM-4.5:
+q/k/v bias, q/k norms, rotary on half of each head; GLM-4.7-Flash: multi-latent attention), and converts each
+back to the HF folder's bytes; the files equal the reference transform bit for bit."""
 
 import os
 
@@ -14,16 +15,21 @@ from test_gpt_oss import _edit_config, _plan
 from test_moe import check_legacy, check_torch_dist
 
 
-@pytest.fixture(scope="module")
-def glm(tmp_path_factory):
-    return save_model(build_model("glm4_moe", seed=45), str(tmp_path_factory.mktemp("hf") / "glm4_moe"))
+VARIANTS = ("glm4_moe", "glm4_moe_lite")
 
 
 @pytest.fixture(scope="module")
-def converted(glm, tmp_path_factory):
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {v: save_model(build_model(v, seed=45), str(root / v)) for v in VARIANTS}
+
+
+@pytest.fixture(scope="module")
+def converted(models, tmp_path_factory):
     root = tmp_path_factory.mktemp("glm4_moe_out")
-    cases = [dict(tp=2, pp=2 if fmt == "torch" else 1, ep=2, etp=1, load=glm, save=str(root / fmt), format=fmt,
-                  impl="local", name=fmt, back=str(root / f"{fmt}-back")) for fmt in ("torch", "torch_dist")]
+    cases = [dict(tp=2, pp=2 if fmt == "torch" else 1, ep=2, etp=1, load=models[v], save=str(root / f"{v}-{fmt}"),
+                  format=fmt, impl="local", name=f"{v}-{fmt}", back=str(root / f"{v}-{fmt}-back"))
+             for v in VARIANTS for fmt in ("torch", "torch_dist")]
     back = [dict(dst="hf", load=c["save"], save=c["back"]) for c in cases]
     return {r["name"]: r for r in mcore_check(4, cases + back, root)}
 
@@ -33,28 +39,33 @@ def test_glm4_moe_megatron_logits_match_hf(converted):
         assert result["rel_diff"] <= 1e-4, (fmt, result["rel_diff"])
 
 
-def test_glm4_moe_files_equal_reference(converted, tmp_path):
-    check_legacy(converted["torch"])
-    check_torch_dist(converted["torch_dist"], tmp_path)
-    args = torch.load(os.path.join(converted["torch"]["save"], "iter_0000001", "mp_rank_00_000_000",
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_glm4_moe_files_equal_reference(converted, variant, tmp_path):
+    check_legacy(converted[f"{variant}-torch"])
+    check_torch_dist(converted[f"{variant}-torch_dist"], tmp_path)
+
+
+def test_glm4_moe_args(converted):
+    args = torch.load(os.path.join(converted["glm4_moe-torch"]["save"], "iter_0000001", "mp_rank_00_000_000",
                                    "model_optim_rng.pt"), weights_only=False)["args"]
     assert (args.rotary_percent, args.qk_layernorm, args.add_qkv_bias) == (0.5, True, True)
     assert (args.moe_router_score_function, args.moe_router_enable_expert_bias) == ("sigmoid", True)
     assert args.moe_layer_freq == [0, 1, 1, 1] and args.moe_router_topk_scaling_factor == 2.5
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
-def test_glm4_moe_way_back_is_byte_identical(converted, glm, fmt):
-    assert_same_hf(glm, converted[fmt]["back"])
+def test_glm4_moe_way_back_is_byte_identical(converted, models, variant, fmt):
+    assert_same_hf(models[variant], converted[f"{variant}-{fmt}"]["back"])
 
 
-def test_glm4_moe_routing_megatron_cannot_express_is_refused(glm, tmp_path):
+def test_glm4_moe_routing_megatron_cannot_express_is_refused(models, tmp_path):
     import shutil
 
     from dist_reshard.errors import ConversionError
 
     folder = tmp_path / "hf"
-    shutil.copytree(glm, folder)
+    shutil.copytree(models["glm4_moe"], folder)
     _edit_config(folder, norm_topk_prob=False)
     with pytest.raises(ConversionError, match="Megatron-Core's router expresses only sigmoid scores with "
                                               "renormalised top-k weights"):

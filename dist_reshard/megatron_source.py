@@ -475,20 +475,15 @@ def _open_legacy(path: str, folder: str, vocab_size=None, reference=None) -> Meg
 _RUN_STATE = ("args", "checkpoint_version", "iteration")  # what describes the checkpoint itself, read above
 
 
-def _refs(obj):
-    """The tensors (as `TensorRef`s) anywhere inside a saved object, and how many other leaves it has."""
+def _refs(obj) -> list:
+    """The tensors (as `TensorRef`s) anywhere inside a saved object."""
     if isinstance(obj, TensorRef):
-        return [obj], 0
+        return [obj]
     if isinstance(obj, dict):
         obj = list(obj.values())
     if isinstance(obj, (list, tuple)):
-        refs, others = [], 0
-        for x in obj:
-            r, o = _refs(x)
-            refs += r
-            others += o
-        return refs, others
-    return [], 1
+        return [r for x in obj for r in _refs(x)]
+    return []
 
 
 def _ref_bytes(refs) -> int:
@@ -506,12 +501,12 @@ def _legacy_leftovers(meta, consumed, tied_copies, family) -> dict[str, list[int
         for top, value in obj.items():
             if top in _RUN_STATE or top in containers:
                 continue
-            refs, others = _refs(value)
-            skipped[top][0] += len(refs) + others
+            refs = _refs(value)
+            skipped[top][0] += len(refs) or 1  # its tensors, or the one object
             skipped[top][1] += _ref_bytes(refs)
         for c in containers:
             for key, value in obj[c].items():
-                refs, others = _refs(value)
+                refs = _refs(value)
                 if key.endswith("_extra_state"):
                     kind = "_extra_state"
                 elif any(name_pattern(t).fullmatch(key) for t in tied_copies):
@@ -521,7 +516,7 @@ def _legacy_leftovers(meta, consumed, tied_copies, family) -> dict[str, list[int
                     continue
                 else:
                     continue
-                skipped[kind][0] += len(refs) + others
+                skipped[kind][0] += 1
                 skipped[kind][1] += _ref_bytes(refs)
     if left:
         raise ConversionError(f"{len(left)} model tensors of the checkpoint are not part of the {family.name} "

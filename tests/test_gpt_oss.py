@@ -13,7 +13,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_same_hf, load_hf_config, load_hf_state, mcore_check
+from conftest import assert_same_hf, load_hf_config, load_hf_state, mcore_check, run_cases
 from dist_reshard.tiny_models import build_model, save_model
 from test_moe import check_legacy, check_torch_dist
 
@@ -63,6 +63,16 @@ def test_gpt_oss_files_equal_reference(converted, gpt_oss, tmp_path):
     check_torch_dist(converted["torch_dist"], tmp_path)
     check_legacy(dict(converted["reshard"], load=gpt_oss))  # the reshard: as if converted from HF
     check_torch_dist(dict(converted["mxfp4"], load=converted["mxfp4"]["hf"]), tmp_path)  # MXFP4: as if from bf16
+
+
+def test_gpt_oss_te_and_grouped_gemm_names_equal_reference(gpt_oss, tmp_path):
+    """The default TransformerEngine-spec names (no TE on CPU to load them): legacy files with grouped-GEMM expert
+    weights and biases (`linear_fc1.weight<e>`, `linear_fc1.bias<e>`), and SequentialMLP ones, bit for bit."""
+    cases = [dict(LAYOUT, load=gpt_oss, save=str(tmp_path / f"te-{grouped}"), format="torch", grouped=grouped)
+             for grouped in (True, False)]
+    run_cases(2, cases, tmp_path)
+    for case in cases:
+        check_legacy(case)
 
 
 def test_gpt_oss_args_state_what_megatron_builds(converted):

@@ -252,13 +252,44 @@ def read_pt_metadata(path: str) -> tuple[object, dict[str, int]]:
     return loads(data, path), offsets
 
 
-def load_pt(path: str, **torch_load_kwargs):
-    """A torch.save file loaded with its tensors (for `verify`): its pickle is first read through the
-    allow-list, so torch.load then meets only allowed globals."""
+def load_pt(path: str):
+    """A torch.save file with its tensors (for `verify`), unpickled once, through the allow-list: each
+    `TensorRef` becomes a tensor over the file's own record bytes (a private copy-on-write mapping, so pages
+    are read only when compared). torch.load is never called on the file: a second unpickling would run
+    whatever the file holds by then, not what was checked."""
+    import mmap
+
     import torch
 
-    read_pt_metadata(path)
-    return torch.load(path, weights_only=False, **torch_load_kwargs)
+    from .dtypes import TORCH_DTYPES
+
+    obj, offsets = read_pt_metadata(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def build(x):
+        if isinstance(x, TensorRef):
+            if not x.contiguous:
+                raise ConversionError(f"{path}: a tensor stored with strides (not written by Megatron-LM or us)")
+            dtype = TORCH_DTYPES[x.storage.dtype]
+            count = 1
+            for d in x.shape:
+                count *= d
+            if count == 0:
+                return torch.empty(x.shape, dtype=dtype)
+            start = offsets[x.storage.key] + x.offset * dtype.itemsize
+            if start + count * dtype.itemsize > len(mapped):
+                raise ConversionError(f"{path}: a tensor reaches past the end of the file")
+            return torch.frombuffer(mapped, dtype=dtype, count=count, offset=start).reshape(x.shape)
+        if isinstance(x, dict):
+            return type(x)((k, build(v)) for k, v in x.items())
+        if isinstance(x, (list, tuple)) and type(x) in (list, tuple):
+            return type(x)(build(v) for v in x)
+        if isinstance(x, argparse.Namespace):
+            return argparse.Namespace(**{k: build(v) for k, v in vars(x).items()})
+        return x
+
+    return build(obj)
 
 
 def read_dcp_metadata(folder: str):

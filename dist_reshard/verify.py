@@ -149,7 +149,7 @@ def check_against(out: str, src: str) -> list[str]:
                 path = os.path.join(out, plan.units[t.unit].path)
                 if path not in files:
                     files.clear()  # one rank file mapped at a time
-                    files[path] = load_pt(path, mmap=True, map_location="cpu")
+                    files[path] = load_pt(path)
                     if layout.legacy_gpt:  # pre-Megatron-Core names: compared under the Megatron-Core ones
                         from .legacy_gpt import model_containers, to_mcore
 

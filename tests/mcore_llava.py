@@ -54,12 +54,13 @@ def build_llava_model(args, seq_len: int):
         num_query_groups=args.vision_num_attention_heads, kv_channels=args.vision_kv_channels,
         gated_linear_unit=False, activation_func=_activation(args.vision_activation), normalization="LayerNorm",
         layernorm_epsilon=args.vision_norm_epsilon, add_bias_linear=True, add_qkv_bias=True,
-        bias_activation_fusion=False, pipeline_model_parallel_size=1, qk_layernorm=False)
+        bias_activation_fusion=False, pipeline_model_parallel_size=1, qk_layernorm=False,
+        window_size=None)  # the language model's sliding window (Mistral) is not the vision tower's
     vision.vision_model_type = args.vision_model_type
     projection = dataclasses.replace(
         copy.deepcopy(language), ffn_hidden_size=args.vision_projection_ffn_hidden_size, gated_linear_unit=False,
         activation_func=_activation(args.vision_projection_activation), add_bias_linear=True,
-        bias_activation_fusion=False, pipeline_model_parallel_size=1)
+        bias_activation_fusion=False, pipeline_model_parallel_size=1, window_size=None)
     vit_spec = get_vit_layer_with_local_spec()
     vit_spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.no_mask
     first = ps.is_pipeline_first_stage()

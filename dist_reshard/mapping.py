@@ -26,7 +26,9 @@ class Kind(Enum):
     COLUMN = "column"  # split on dim 0
     ROW = "row"  # split on dim 1
     VOCAB = "vocab"  # split on dim 0 after padding the vocabulary to the Megatron multiple
-    QKV = "qkv"  # q, k, v interleaved per query group, then split on dim 0 by whole groups
+    # q, k, v interleaved per query group, then split on dim 0 by whole groups. q, k and v are three HF tensors,
+    # or the row sections [q; k; v] of one (Phi-3's qkv_proj): a rank then reads only its groups' rows.
+    QKV = "qkv"
     GLU = "glu"  # gate and up halves, each split on dim 0, concatenated per TP rank
     PARTS = "parts"  # row sections of one tensor (`Rule.parts`), each split on dim 0, concatenated per TP rank
 
@@ -268,10 +270,14 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
         groups = _split(ng, tp, "num_query_groups (key/value heads)")
         _split(cfg.num_attention_heads, tp, "num_attention_heads")
         rows_per_group = (qpg + 2) * d
+        q_rows, kv_rows = cfg.num_attention_heads * d, ng * d
+        # (tensor, first row) of q, k and v
+        sections = tuple(zip(names, (0, 0, 0))) if len(names) == 3 else \
+            ((names[0], 0), (names[0], q_rows), (names[0], q_rows + kv_rows))
         pieces, row = [], 0
         for g in range(r * groups, (r + 1) * groups):
-            for src, lo, n in ((names[0], g * qpg * d, qpg * d), (names[1], g * d, d), (names[2], g * d, d)):
-                pieces.append(Piece(src, (lo, lo + n), None, row))
+            for (src, base), lo, n in zip(sections, (g * qpg * d, g * d, g * d), (qpg * d, d, d)):
+                pieces.append(Piece(src, (base + lo, base + lo + n), None, row))
                 row += n
         return [Block((r * groups * rows_per_group,) + (0,) * len(full_width), (row,) + full_width, tuple(pieces))]
     raise AssertionError(kind)
@@ -291,7 +297,7 @@ def hf_shapes(rule: Rule, cfg: ModelConfig) -> list[tuple[int, ...]]:
         return [(v, h)]
     if rule.kind is Kind.QKV:
         tail = () if name.endswith(".bias") else (h,)
-        return [(q,) + tail, (kv,) + tail, (kv,) + tail]
+        return [(q,) + tail, (kv,) + tail, (kv,) + tail] if len(rule.hf) == 3 else [(q + 2 * kv,) + tail]
     if rule.kind is Kind.GLU:
         return [(f, h), (f, h)]
     if rule.kind is Kind.ROW:

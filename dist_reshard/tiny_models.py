@@ -55,6 +55,9 @@ OWN_SUITE_VARIANTS = {
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(
         head_dim=16, num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, sliding_window=4,
         swiglu_limit=0.6, tie_word_embeddings=False)),
+    # Phi-3: q, k, v and gate, up fused in HF; 8 heads in 4 groups so TP2 splits the fused rows by groups.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(rope_theta=10000.0, tie_word_embeddings=False,
+                                                   pad_token_id=0, eos_token_id=2)),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
         head_dim=16, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
         num_experts_per_tok=2, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,

@@ -81,8 +81,9 @@ def _source(case):
     return hf
 
 
-def check_legacy(case):
-    hf = _source(case)
+def check_legacy(case, hf=None):
+    """`hf`: the HF tensors the reference starts from (default: the case's source folder's)."""
+    hf = _source(case) if hf is None else hf
     config = load_hf_config(case["load"])
     expected = legacy_files(hf, config, case["tp"], case["pp"], case.get("vpp"), case["impl"])
     root = os.path.join(case["save"], "iter_0000001")
@@ -108,8 +109,8 @@ def check_legacy(case):
                 "output_layer.weight" in tensors)
 
 
-def check_torch_dist(case, tmp_path):
-    hf = _source(case)
+def check_torch_dist(case, tmp_path, hf=None):
+    hf = _source(case) if hf is None else hf
     config = load_hf_config(case["load"])
     folder = os.path.join(case["save"], "iter_0000001")
     for f in ("metadata.json", "common.pt", ".metadata"):

@@ -227,27 +227,37 @@ def _local_data_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def read_pt_metadata(path: str) -> tuple[object, dict[str, int]]:
-    """A torch.save file's object with `TensorRef`s in place of tensors, and each storage record's offset.
+def _pickle_and_records(f) -> tuple[bytes, dict[str, int]]:
+    """A torch.save archive's pickle bytes and each storage record's offset, from an open binary file.
 
     Records are read straight from their byte ranges (torch.save stores them uncompressed), without
-    zipfile's CRC check: our own legacy writer leaves CRCs at zero (torch's compute_crc32 off)."""
+    zipfile's CRC check: our own writers leave CRCs at zero (torch's compute_crc32 off, which is
+    process-wide, so archives saved in memory afterwards have none either)."""
+    with zipfile.ZipFile(f) as zf:
+        infos = zf.infolist()
+    pkl = next(i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl")
+    prefix = pkl.filename[:-len("data.pkl")]
+    offsets = {}
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"record {info.filename} is compressed; cannot read it in place")
+        if info.filename.startswith(prefix + "data/"):
+            offsets[info.filename[len(prefix + "data/"):]] = _local_data_offset(f, info)
+    f.seek(_local_data_offset(f, pkl))
+    return f.read(pkl.file_size), offsets
+
+
+_UNREADABLE_ARCHIVE = (zipfile.BadZipFile, StopIteration, EOFError, struct.error, ValueError, OSError)
+
+
+def read_pt_metadata(path: str) -> tuple[object, dict[str, int]]:
+    """A torch.save file's object with `TensorRef`s in place of tensors, and each storage record's offset."""
     try:
-        with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
-            infos = zf.infolist()
-            pkl = next(i for i in infos if i.filename.endswith("/data.pkl") or i.filename == "data.pkl")
-            prefix = pkl.filename[:-len("data.pkl")]
-            offsets = {}
-            for info in infos:
-                if info.compress_type != zipfile.ZIP_STORED:
-                    raise ConversionError(f"{path}: record {info.filename} is compressed; cannot read it in place")
-                if info.filename.startswith(prefix + "data/"):
-                    offsets[info.filename[len(prefix + "data/"):]] = _local_data_offset(f, info)
-            f.seek(_local_data_offset(f, pkl))
-            data = f.read(pkl.file_size)
+        with open(path, "rb") as f:
+            data, offsets = _pickle_and_records(f)
     except FileNotFoundError:
         raise ConversionError(f"{path}: file missing") from None
-    except (zipfile.BadZipFile, StopIteration, EOFError, struct.error, ValueError, OSError) as e:
+    except _UNREADABLE_ARCHIVE as e:
         raise ConversionError(f"{path}: not a readable torch.save file ({e.__class__.__name__}: {e})") from None
     return loads(data, path), offsets
 
@@ -319,8 +329,7 @@ def load_tensor_blob(data: bytes, where: str):
     except Exception as e:  # noqa: BLE001 - a corrupt chunk is reported by file and tensor
         failure = e
     try:  # name the global when that was the reason
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            loads(zf.read(next(n for n in zf.namelist() if n.endswith("data.pkl"))), where)
+        loads(_pickle_and_records(io.BytesIO(data))[0], where)
     except UnsafePickle:
         raise
     except Exception:  # noqa: BLE001 - not even a zip: the first failure is the one to report

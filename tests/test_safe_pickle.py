@@ -211,15 +211,24 @@ def _hostile_copy(checkpoints, tmp_path, kind, marker):
     return folder, victim
 
 
-def test_payload_in_a_dcp_chunk_is_named(tmp_path):
-    """DCP chunks (tensor data) load through torch's weights-only unpickler; a refused global is named."""
+@pytest.mark.parametrize("crc", [True, False])
+def test_payload_in_a_dcp_chunk_is_named(tmp_path, crc):
+    """DCP chunks (tensor data) load through torch's weights-only unpickler; a refused global is named, also
+    in archives without CRCs (our writers switch torch.save's CRC off for the whole process)."""
     import io
+
+    from torch.utils.serialization import config
 
     from dist_reshard.safe_pickle import load_tensor_blob
 
     marker = tmp_path / "ran"
     blob = io.BytesIO()
-    torch.save(Payload(os.system, f"touch {marker}"), blob)
+    was = config.save.compute_crc32
+    config.save.compute_crc32 = crc
+    try:
+        torch.save(Payload(os.system, f"touch {marker}"), blob)
+    finally:
+        config.save.compute_crc32 = was
     with pytest.raises(UnsafePickle, match="chunk x: refused to unpickle global posix.system"):
         load_tensor_blob(blob.getvalue(), "f.distcp: chunk x")
     assert not marker.exists()

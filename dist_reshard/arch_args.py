@@ -224,7 +224,8 @@ ROWS: tuple[Arg, ...] = (
         write=lambda c: c.router_group_topk if c.router_groups > 1 else None,
         read=lambda v, a: v or (1 if _get(a, ("moe_router_score_function",), "") == "sigmoid" else 0), on=_MOE),
     Arg("routed_scaling_factor", ("moe_router_topk_scaling_factor",), default=1.0,
-        write=lambda c: c.routed_scaling_factor if _sigmoid(c) else None, read=lambda v, a: float(v), on=_MOE),
+        write=lambda c: c.routed_scaling_factor if _sigmoid(c) or c.routed_scaling_factor != 1.0 else None,
+        read=lambda v, a: float(v), on=_MOE),
     # Multi-latent attention (DeepSeek-V3) and its YaRN rope.
     Arg(None, ("multi_latent_attention",), write=lambda c: c.mla),
     Arg("q_lora_rank", ("q_lora_rank",), default=0, write=lambda c: c.q_lora_rank or None, on=_MLA),

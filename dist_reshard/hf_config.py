@@ -302,7 +302,12 @@ def _deepseek_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
     ffn = _int(cfg, "moe_intermediate_size", path)
     first_dense = _int(cfg, "first_k_dense_replace", path, default=0, minimum=0)
     freq = _int(cfg, "moe_layer_freq", path, default=1)
-    scoring = cfg.get("scoring_func", "sigmoid")
+    # DeepSeek-V2 (transformers 5) always scores by softmax and never renormalises; its `greedy` top-k ignores
+    # the expert groups (no group limit: 0 groups, as Megatron's softmax router reads an absent arg).
+    v2 = cfg.get("model_type") == "deepseek_v2"
+    scoring = cfg.get("scoring_func", "softmax" if v2 else "sigmoid")
+    method = cfg.get("topk_method", "greedy" if v2 else "noaux_tc")
+    grouped = not v2 or (method != "greedy" and _int(cfg, "n_group", path, default=1) > 1)
     if scoring not in ("sigmoid", "softmax"):
         raise ConversionError(f"{path}: field 'scoring_func' = {scoring!r} is not 'sigmoid' or 'softmax'")
     return dict(
@@ -310,12 +315,12 @@ def _deepseek_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
         moe_ffn_hidden_size=ffn,
         moe_topk=_int(cfg, "num_experts_per_tok", path),
         shared_expert_ffn_hidden_size=_int(cfg, "n_shared_experts", path, default=0, minimum=0) * ffn,
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", not v2)),
         moe_layers=tuple(i >= first_dense and i % freq == 0 for i in range(num_layers)),
         router_score=scoring,
-        router_expert_bias=cfg.get("topk_method", "noaux_tc") == "noaux_tc",
-        router_groups=_int(cfg, "n_group", path, default=1),
-        router_group_topk=_int(cfg, "topk_group", path, default=1),
+        router_expert_bias=method == "noaux_tc",
+        router_groups=_int(cfg, "n_group", path, default=1) if grouped else 0,
+        router_group_topk=_int(cfg, "topk_group", path, default=1) if grouped else 0,
         routed_scaling_factor=_float(cfg, "routed_scaling_factor", path, 1.0),
     )
 

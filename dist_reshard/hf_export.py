@@ -86,6 +86,9 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
                    norm_topk_prob=cfg.norm_topk_prob, scoring_func=cfg.router_score,
                    topk_method="noaux_tc" if cfg.router_expert_bias else "greedy", n_group=cfg.router_groups,
                    topk_group=cfg.router_group_topk, routed_scaling_factor=cfg.routed_scaling_factor)
+        if model_type == "deepseek_v2":  # no group limit is `greedy` (groups 0 in the args)
+            out.update(topk_method="group_limited_greedy" if cfg.router_groups > 1 else "greedy",
+                       n_group=max(cfg.router_groups, 1), topk_group=max(cfg.router_group_topk, 1))
     else:
         out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.moe_ffn_hidden_size,
                    norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=dense)

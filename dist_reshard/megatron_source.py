@@ -153,7 +153,7 @@ def _gpt_oss_config(args, facts, stored, where, vocab_size) -> ModelConfig:
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
-               "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+               "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2"}
 
 
@@ -162,8 +162,9 @@ def _features(arch: str) -> tuple:
     multi-latent attention, mamba mixers)."""
     return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
-                     "Glm4MoeLiteForCausalLM"),
-            arch == "Qwen2MoeForCausalLM", arch in ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM"),
+                     "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
+            arch == "Qwen2MoeForCausalLM",
+            arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
             arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"))
 
 
@@ -176,7 +177,7 @@ def _glm_stated(args: Namespace, qk_norm: bool) -> bool:
 
 
 def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
-    """The HF family whose modules are the ones the args build: MLA -> DeepSeek-V3; experts -> Qwen3-MoE (q/k
+    """The HF family whose modules are the ones the args build: MLA -> DeepSeek-V3 (V2: a softmax router); experts -> Qwen3-MoE (q/k
     norms), Qwen2-MoE (gated shared expert) or Mixtral (every layer MoE, top-k renormalised); hybrid ->
     Nemotron-H or Mamba-2; dense -> Qwen3 (q/k norms), Qwen2 (q/k/v bias), Mistral (a window), else Llama.
     A combination no family has is refused naming the arg. This project's own `hf_architecture` arg picks
@@ -188,7 +189,9 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
             raise ConversionError(f"{where}: args.hybrid_override_pattern has MoE layers (E); not supported")
         derived = "Mamba2ForCausalLM" if kinds == {"M"} else "NemotronHForCausalLM"
     elif facts.get("kv_lora_rank") and getattr(args, "multi_latent_attention", False):
-        derived = "DeepseekV3ForCausalLM"
+        # DeepSeek-V2 routes by softmax, V3 by sigmoid.
+        derived = "DeepseekV2ForCausalLM" if facts.get("router_score") == "softmax" and facts.get(
+            "num_experts") else "DeepseekV3ForCausalLM"
     elif facts.get("num_experts"):
         if facts.get("router_score") != "softmax":
             if not (facts.get("router_score") == "sigmoid" and _glm_stated(args, qk_norm)):

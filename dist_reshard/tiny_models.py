@@ -65,6 +65,15 @@ OWN_SUITE_VARIANTS = {
     # GLM-4.7-Flash: the GLM router on DeepSeek-V3's multi-latent attention (the DeepSeek sizes).
     "glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", dict(_DEEPSEEK, n_group=1, topk_group=1,
                                                                           routed_scaling_factor=1.8)),
+    # DeepSeek-V2: the DeepSeek sizes behind a softmax router, not renormalised, top 3 of 8 experts limited to
+    # the 2 best of 4 groups (the limit bites only with top-k > topk_group; 3 // 2 = 1, so HF's and Megatron's
+    # group ranking agree). V2-Lite: no q LoRA, no group limit (`greedy`).
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, topk_method="group_limited_greedy", n_group=4, topk_group=2, num_experts_per_tok=3,
+        norm_topk_prob=False)),
+    "deepseek_v2_lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
+        _DEEPSEEK, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+        routed_scaling_factor=1.0)),
 }
 
 # Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in

@@ -44,6 +44,17 @@ def mcore_check(nproc: int, cases: list[dict], workdir) -> list[dict]:
         return json.load(f)
 
 
+def moe_family_job(models: dict, workdir) -> dict:
+    """One 4-rank mcore_check job over the MoE family suites' tiny models: each to legacy TP2 x PP2 x EP2 and
+    torch_dist TP2 x EP2 (local spec), loaded into Megatron-Core, and back to HF; results by "<variant>-<fmt>"."""
+    cases = [dict(tp=2, pp=2 if fmt == "torch" else 1, ep=2, etp=1, load=folder, save=os.path.join(
+        str(workdir), f"{v}-{fmt}"), format=fmt, impl="local", name=f"{v}-{fmt}",
+        back=os.path.join(str(workdir), f"{v}-{fmt}-back")) for v, folder in models.items()
+        for fmt in ("torch", "torch_dist")]
+    back = [dict(dst="hf", load=c["save"], save=c["back"]) for c in cases]
+    return {r["name"]: r for r in mcore_check(4, cases + back, workdir)}
+
+
 def assert_same_hf(original: str, back: str) -> None:
     """Two HF folders hold the same tensors, byte for byte, and the same config.json."""
     want, got = load_hf_state(original), load_hf_state(back)

@@ -15,8 +15,9 @@ EXPERTS = {
     "DeepseekV3ForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "Glm4MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "Glm4MoeLiteForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    "DeepseekV2ForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
 }
-MLA_ARCHS = ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM")
+MLA_ARCHS = ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM", "DeepseekV2ForCausalLM")
 
 
 def num_experts(config) -> int:

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_same_hf, mcore_check
+from conftest import assert_same_hf, moe_family_job
 from dist_reshard.tiny_models import build_model, save_model
 from test_gpt_oss import _edit_config, _plan
 from test_moe import check_legacy, check_torch_dist
@@ -26,12 +26,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("glm4_moe_out")
-    cases = [dict(tp=2, pp=2 if fmt == "torch" else 1, ep=2, etp=1, load=models[v], save=str(root / f"{v}-{fmt}"),
-                  format=fmt, impl="local", name=f"{v}-{fmt}", back=str(root / f"{v}-{fmt}-back"))
-             for v in VARIANTS for fmt in ("torch", "torch_dist")]
-    back = [dict(dst="hf", load=c["save"], save=c["back"]) for c in cases]
-    return {r["name"]: r for r in mcore_check(4, cases + back, root)}
+    return moe_family_job(models, tmp_path_factory.mktemp("glm4_moe_out"))
 
 
 def test_glm4_moe_megatron_logits_match_hf(converted):

@@ -70,17 +70,22 @@ def check_sigmoid_routing(cfg) -> None:
                               f"top {cfg.moe_topk // cfg.router_group_topk} scores where HF uses the top 2")
 
 
+def check_mla(cfg) -> None:
+    """Multi-latent attention Megatron-Core cannot express (shared by the families built on it)."""
+    from ..errors import ConversionError
+
+    if not cfg.mla:
+        raise ConversionError(f"config.json: {cfg.architecture} without kv_lora_rank is not multi-latent "
+                              f"attention; not supported")
+    if cfg.raw.get("rope_interleave", True) is False:
+        # Megatron's MLA always de-interleaves the rotary half of q and k, as HF does by default.
+        raise ConversionError("config.json: rope_interleave = false: Megatron-Core's multi-latent attention "
+                              "always applies rotary embeddings to de-interleaved channels")
+
+
 class DeepseekV3(Family):
     def check(self, cfg) -> None:
-        from ..errors import ConversionError
-
-        if not cfg.mla:
-            raise ConversionError(f"config.json: {cfg.architecture} without kv_lora_rank is not multi-latent "
-                                  f"attention; not supported")
-        if cfg.raw.get("rope_interleave", True) is False:
-            # Megatron's MLA always de-interleaves the rotary half of q and k, as HF does by default.
-            raise ConversionError("config.json: rope_interleave = false: Megatron-Core's multi-latent attention "
-                                  "always applies rotary embeddings to de-interleaved channels")
+        check_mla(cfg)
         check_sigmoid_routing(cfg)
 
 

@@ -124,9 +124,8 @@ def _source_files(index: dict, source=None) -> list[str]:
     return source.files if source is not None else sorted({t.file for t in index.values()})
 
 
-def _job_identity(opts: Options, index: dict, source=None) -> dict:
-    files = _source_files(index, source)
-    identity = {"tool": "dist_reshard", "version": __version__, "source": manifest.source_fingerprint(files),
+def _job_identity(opts: Options, source_files: list[str]) -> dict:
+    identity = {"tool": "dist_reshard", "version": __version__, "source": manifest.source_fingerprint(source_files),
                 "layout": dict(opts.layout.__dict__), "world_size": collectives.world()}
     if opts.layer_pattern:  # a GPT model laid out as a MambaModel (or back): part of what the output is
         identity["layer_pattern"] = opts.layer_pattern
@@ -361,16 +360,17 @@ def run(opts: Options) -> dict:
         clock = now
 
     err: BaseException | None = None
-    plan = view = cfg = family = index = identity = source = None
+    plan = view = cfg = family = index = identity = source = source_files = None
     dropped = 0
     try:
         destination.check_paths(opts.save, opts.load)
         plan, cfg, family, index, source, dropped = _plan(opts)
         # Every path the source resolves through (a symlinked shard's real file too) is out of reach.
-        destination.check_paths(opts.save, opts.load, _source_files(index, source))
+        source_files = _source_files(index, source)
+        destination.check_paths(opts.save, opts.load, source_files)
         destination.check_destination(opts.save, opts.overwrite)
         view = plan.rank_view(me)
-        identity = _job_identity(opts, index, source)
+        identity = _job_identity(opts, source_files)
     except ConversionError as e:
         err = e
     collectives.agree(err, device)
@@ -379,7 +379,6 @@ def run(opts: Options) -> dict:
     if opts.dry_run:
         return _finish(report, plan, opts, dry_run=True, dropped=dropped, source=source)
 
-    source_files = _source_files(index, source)
     lock = destination.DestinationLock(opts.save) if me == 0 else None
     try:
         staging = staging_path(opts.save)
@@ -414,7 +413,7 @@ def run(opts: Options) -> dict:
                 done = {}  # DCP writes its files in one collective: redo them together
         try:
             _convert(opts, plan, view, cfg, family, source.stored if source else index, staging, report, phase, device,
-                     key, done, identity, source=source, parent=parent)
+                     key, done, identity, source_files, source=source, parent=parent)
         except ConversionError:
             if me == 0:
                 shutil.rmtree(staging, ignore_errors=True)  # bad input or a full disk: nothing to resume
@@ -475,7 +474,7 @@ def _write_hf_metadata(opts: Options, plan: Plan, cfg, family, source, staging: 
 
 
 def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, report, phase, device, key, done,
-             identity, source=None, parent: int = 0) -> None:
+             identity, source_files: list[str], source=None, parent: int = 0) -> None:
     me = view.rank
     source_dtype = {n: s.dtype for n, s in index.items()}
     targets = {t.index: t for t in view.targets}
@@ -666,7 +665,7 @@ def _convert(opts, plan: Plan, view: RankPlan, cfg, family, index, staging, repo
             why = destination.launcher_gone(parent)
             if why:
                 raise ConversionError(why)
-            destination.publish(opts.save, staging, opts.overwrite, opts.load, _source_files(index, source))
+            destination.publish(opts.save, staging, opts.overwrite, opts.load, source_files)
         except OSError as e:
             err = ConversionError(f"--save {opts.save}: cannot publish the checkpoint ({e.strerror})")
         except Exception as e:  # noqa: BLE001 - rank 0's failure alone: agreed on, so no peer waits for it

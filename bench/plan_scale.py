@@ -21,8 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from dist_reshard.families import family_for  # noqa: E402
-from dist_reshard.layout import TargetLayout  # noqa: E402
-from dist_reshard.rank_plan import make_plan  # noqa: E402
+from dist_reshard.config.layout import TargetLayout  # noqa: E402
+from dist_reshard.plan.planner import make_plan  # noqa: E402
 from synthetic import DEEPSEEK_PP16_LAYOUT, DEEPSEEK_VPP2_LAYOUT, LLAMA_405B, deepseek_v3, synthetic  # noqa: E402
 
 CASES = {

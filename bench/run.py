@@ -232,7 +232,7 @@ def machine(work: str) -> dict:
 def source_bytes_of(src: str) -> tuple[int, int]:
     """(tensor bytes from the headers, bytes on disk of the safetensors files)."""
     sys.path.insert(0, ROOT)
-    from dist_reshard.safetensors_index import index_folder
+    from dist_reshard.formats.safetensors_index import index_folder
 
     index = index_folder(src)
     files = {t.file for t in index.values()}

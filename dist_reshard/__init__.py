@@ -1,3 +1,3 @@
 """dist_reshard: distributed, read-only-your-bytes conversion between HF safetensors and Megatron-Core."""
 
-__version__ = "0.1.0"
+from .base.version import VERSION as __version__

@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from .errors import ConversionError
-from .layout import CKPT_FORMATS, DTYPES, TRANSFORMER_IMPLS, TargetLayout
+from .base.errors import ConversionError
+from .config.layout import CKPT_FORMATS, DTYPES, TRANSFORMER_IMPLS, TargetLayout
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,8 +121,9 @@ def _summary(job: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    from . import collectives
-    from .convert import Options, run
+    from .exchange import collectives
+    from .run.options import Options
+    from .run.job import run
 
     layout = TargetLayout(tp=ns.tp, pp=ns.pp, vpp=ns.vpp, ckpt_format=ns.ckpt_format,
                           transformer_impl=ns.transformer_impl,
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.dst == "legacy":  # the legacy GPT model has one file format and the local layer names
         layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)
     if ns.dst == "hf":
-        from .layout import HFLayout, parse_size
+        from .config.layout import HFLayout, parse_size
 
         try:
             layout = HFLayout(max_shard_bytes=parse_size(ns.max_shard_size), dtype=ns.dtype)

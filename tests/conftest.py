@@ -11,7 +11,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "multigpu"))
 
-from dist_reshard.tiny_models import VARIANTS, build_model, save_model  # noqa: E402
+from dist_reshard.testing.tiny_models import VARIANTS, build_model, save_model  # noqa: E402
 
 
 def torchrun(nproc: int, *args: str, timeout: float = 300, check: bool = True,
@@ -81,7 +81,7 @@ def hf_models(tmp_path_factory):
     save_model(build_model("llama3", seed=5, dtype="bfloat16"), folder)
     out["llama3_bf16"] = folder
     # Rows wide enough for a row-parallel shard's block of each row (1 KiB at TP2 in float32) to be copied
-    # file to file row by row (dist_reshard/pass_through.py); the tiny models' blocks are below that.
+    # file to file row by row (dist_reshard/writers/pass_through.py); the tiny models' blocks are below that.
     folder = str(root / "llama3_wide")
     save_model(build_model("llama3", seed=13, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                            vocab_size=256), folder, max_shard_size="2MB")

@@ -15,7 +15,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 
-from dist_reshard import mcore_cpu
+from dist_reshard.testing import mcore_cpu
 
 
 def _patch_clip_norm() -> None:

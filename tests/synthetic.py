@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dist_reshard.hf_config import config_from_dict
-from dist_reshard.safetensors_index import DTYPE_SIZES, SourceTensor
+from dist_reshard.config.hf_config import config_from_dict
+from dist_reshard.formats.safetensors_index import DTYPE_SIZES, SourceTensor
 
 LLAMA_405B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=16384,
                   intermediate_size=53248, num_hidden_layers=126, num_attention_heads=128, num_key_value_heads=8,
@@ -144,7 +144,7 @@ def deepseek_v3_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def deepseek_v3(cfg: dict = DEEPSEEK_V3_671B, file_bytes: int = 4 << 30):
     """(ModelConfig, index as the converter sees it: FP8 weights decoded to bf16) of a headers-only model."""
-    from dist_reshard.block_fp8 import dequantized_index
+    from dist_reshard.source.block_fp8 import dequantized_index
 
     index = lay_out(deepseek_v3_shapes(cfg), file_bytes)
     config = config_from_dict(cfg)

@@ -1,4 +1,4 @@
-"""The config table (dist_reshard/arch_args.py) both ways: every config the families accept, as transformers
+"""The config table (dist_reshard/config/arch_args.py) both ways: every config the families accept, as transformers
 writes it, goes to Megatron args and back unchanged, and to an HF config and back unchanged; args Megatron-LM
 releases stored under older names read the same; args the families cannot express are refused by name."""
 
@@ -8,14 +8,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dist_reshard.errors import ConversionError
+from dist_reshard.base.errors import ConversionError
 from dist_reshard.families import family_for
-from dist_reshard.hf_config import config_from_dict
-from dist_reshard.hf_export import hf_fields
-from dist_reshard.layout import TargetLayout
-from dist_reshard.megatron_args import megatron_args
-from dist_reshard.megatron_source import _features, config_from_args, differing_facts
-from dist_reshard.tiny_models import HYBRID_VARIANTS, VARIANTS
+from dist_reshard.config.hf_config import config_from_dict
+from dist_reshard.config.hf_export import hf_fields
+from dist_reshard.config.layout import TargetLayout
+from dist_reshard.config.megatron_args import megatron_args
+from dist_reshard.source.megatron_source import _features, config_from_args, differing_facts
+from dist_reshard.testing.tiny_models import HYBRID_VARIANTS, VARIANTS
 
 FAMILIES = sorted(set(VARIANTS) - {"llama2", "llama3", "llama3.2", "moonlight"}) + ["nemotron_h", "mamba2"]
 

@@ -21,10 +21,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import full_tensor_worker  # noqa: E402
 import make_checkpoint  # noqa: E402
 from dist_reshard.families import family_for  # noqa: E402
-from dist_reshard.hf_config import read_config  # noqa: E402
-from dist_reshard.layout import TargetLayout  # noqa: E402
-from dist_reshard.rank_plan import make_plan  # noqa: E402
-from dist_reshard.safetensors_index import index_folder  # noqa: E402
+from dist_reshard.config.hf_config import read_config  # noqa: E402
+from dist_reshard.config.layout import TargetLayout  # noqa: E402
+from dist_reshard.plan.planner import make_plan  # noqa: E402
+from dist_reshard.formats.safetensors_index import index_folder  # noqa: E402
 
 
 @pytest.fixture(scope="module")

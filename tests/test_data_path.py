@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import ROOT, torchrun, tree_hashes
-from dist_reshard import manifest
-from dist_reshard.convert import _BackgroundWriter, _units_due
-from dist_reshard.errors import ConversionError
-from dist_reshard.rank_plan import ReadItem
-from dist_reshard.reader import RangeReader
+from dist_reshard.formats import manifest
+from dist_reshard.run.data_loop import _BackgroundWriter, _units_due
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.plan.data import ReadItem
+from dist_reshard.read.reader import RangeReader
 from dist_reshard.writers import legacy
 
 CONVERT = ["-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--tp", "2", "--pp", "2"]

@@ -152,9 +152,9 @@ def test_dequantize_matches_reference_on_partial_blocks():
     """Rows cut anywhere (mid-block, across blocks, a partial last block) decode like the whole tensor."""
     from fp8_reference import dequantize, quantize
 
-    from dist_reshard.block_fp8 import dequantize as decode_rows
-    from dist_reshard.rank_plan import read_item
-    from dist_reshard.safetensors_index import SourceTensor
+    from dist_reshard.source.block_fp8 import dequantize as decode_rows
+    from dist_reshard.plan.reads import read_item
+    from dist_reshard.formats.safetensors_index import SourceTensor
 
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(37, 45, generator=gen) * 3).to(torch.bfloat16)

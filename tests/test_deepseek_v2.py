@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_same_hf, moe_family_job
-from dist_reshard.tiny_models import build_model, save_model
+from dist_reshard.testing.tiny_models import build_model, save_model
 from test_gpt_oss import _edit_config, _plan
 from test_moe import check_legacy, check_torch_dist
 
@@ -56,8 +56,8 @@ def test_deepseek_v2_args(converted):
     assert v2.moe_router_topk_scaling_factor == 2.5
     assert (lite.q_lora_rank, lite.moe_router_num_groups, lite.moe_router_group_topk) == (None, None, None)
     # Without this project's hf_architecture / hf_config (Megatron-LM's own args), MLA with a softmax router is V2.
-    from dist_reshard import arch_args
-    from dist_reshard.megatron_source import architecture_from_args
+    from dist_reshard.config import arch_args
+    from dist_reshard.source.megatron_source import architecture_from_args
 
     for a in (v2, lite):
         del a.hf_architecture, a.hf_config
@@ -79,7 +79,7 @@ def test_deepseek_v2_way_back_is_byte_identical(converted, models, variant, fmt)
     (dict(mlp_bias=True), "mlp_bias = true"),
 ])
 def test_deepseek_v2_routing_megatron_cannot_express_is_refused(models, tmp_path, changes, message):
-    from dist_reshard.errors import ConversionError
+    from dist_reshard.base.errors import ConversionError
 
     folder = tmp_path / "hf"
     shutil.copytree(models["deepseek_v2"], folder)

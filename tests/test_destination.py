@@ -13,13 +13,13 @@ import time
 import pytest
 
 from conftest import ROOT, tree_hashes
-from dist_reshard.destination import DestinationLock, lock_path, publish, replaced_path, staging_path
-from dist_reshard.errors import ConversionError
+from dist_reshard.run.destination import DestinationLock, lock_path, publish, replaced_path, staging_path
+from dist_reshard.base.errors import ConversionError
 
 
 @pytest.fixture(scope="module")
 def hf_src(tmp_path_factory):
-    from dist_reshard.tiny_models import build_model, save_model
+    from dist_reshard.testing.tiny_models import build_model, save_model
 
     folder = str(tmp_path_factory.mktemp("dest") / "hf")
     save_model(build_model("llama3", seed=3), folder)

@@ -11,9 +11,9 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import load_hf_state, run_cases
-from dist_reshard.tiny_models import VARIANTS
+from dist_reshard.testing.tiny_models import VARIANTS
 
-from dist_reshard.tiny_models import MOE_VARIANTS as MOE  # noqa: E402
+from dist_reshard.testing.tiny_models import MOE_VARIANTS as MOE  # noqa: E402
 # Two Megatron layouts per family, one per format; MoE ones with expert parallelism.
 ROUND_TRIPS = {v: [dict(tp=2, pp=2, format="torch"), dict(tp=1, pp=2, vpp=2, format="torch_dist")]
                for v in VARIANTS if v not in MOE}
@@ -196,7 +196,7 @@ def test_megatron_lm_reads_num_query_groups_only_with_group_query_attention(gqa,
     args from Megatron-LM itself, without GQA, have one key/value head per attention head."""
     from argparse import Namespace
 
-    from dist_reshard.megatron_source import config_from_args
+    from dist_reshard.source.megatron_source import config_from_args
 
     args = Namespace(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
                      tensor_model_parallel_size=1, pipeline_model_parallel_size=1, padded_vocab_size=256,

@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from dist_reshard.errors import ConversionError
-from dist_reshard.hf_config import read_config
-from dist_reshard.safetensors_index import DTYPE_SIZES, index_folder, parse_file
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.config.hf_config import read_config
+from dist_reshard.formats.safetensors_index import DTYPE_SIZES, index_folder, parse_file
 
 ROUNDS = int(os.environ.get("DIST_RESHARD_FUZZ_ROUNDS", "10000"))
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import assert_same_hf, moe_family_job
-from dist_reshard.tiny_models import build_model, save_model
+from dist_reshard.testing.tiny_models import build_model, save_model
 from test_gpt_oss import _edit_config, _plan
 from test_moe import check_legacy, check_torch_dist
 
@@ -57,7 +57,7 @@ def test_glm4_moe_way_back_is_byte_identical(converted, models, variant, fmt):
 def test_glm4_moe_routing_megatron_cannot_express_is_refused(models, tmp_path):
     import shutil
 
-    from dist_reshard.errors import ConversionError
+    from dist_reshard.base.errors import ConversionError
 
     folder = tmp_path / "hf"
     shutil.copytree(models["glm4_moe"], folder)

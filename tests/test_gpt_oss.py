@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import assert_same_hf, load_hf_config, load_hf_state, mcore_check, run_cases
-from dist_reshard.tiny_models import build_model, save_model
+from dist_reshard.testing.tiny_models import build_model, save_model
 from test_moe import check_legacy, check_torch_dist
 
 LAYOUT = dict(tp=2, pp=1, ep=2, etp=1)
@@ -85,9 +85,9 @@ def test_gpt_oss_args_state_what_megatron_builds(converted):
 
 
 def _plan(folder, layout=None):
-    from dist_reshard.hf_source import open_hf_folder
-    from dist_reshard.layout import TargetLayout
-    from dist_reshard.rank_plan import make_plan
+    from dist_reshard.source.hf_source import open_hf_folder
+    from dist_reshard.config.layout import TargetLayout
+    from dist_reshard.plan.planner import make_plan
 
     cfg, family, index = open_hf_folder(str(folder))
     return make_plan(family, index, cfg, layout or TargetLayout(tp=2, ep=2, etp=1), world=2)
@@ -109,7 +109,7 @@ def _edit_config(folder, **changes):
      "layer_types"),
 ])
 def test_gpt_oss_variants_megatron_cannot_express_are_refused(gpt_oss, tmp_path, changes, message):
-    from dist_reshard.errors import ConversionError
+    from dist_reshard.base.errors import ConversionError
 
     folder = tmp_path / "hf"
     shutil.copytree(gpt_oss, folder)
@@ -120,8 +120,8 @@ def test_gpt_oss_variants_megatron_cannot_express_are_refused(gpt_oss, tmp_path,
 
 
 def test_gpt_oss_expert_tensor_parallelism_is_refused(gpt_oss):
-    from dist_reshard.errors import ConversionError
-    from dist_reshard.layout import TargetLayout
+    from dist_reshard.base.errors import ConversionError
+    from dist_reshard.config.layout import TargetLayout
 
     with pytest.raises(ConversionError, match="--etp 2: Megatron-Core supports biases in MoE layers only with an "
                                               "expert tensor-parallel size of 1"):
@@ -131,7 +131,7 @@ def test_gpt_oss_expert_tensor_parallelism_is_refused(gpt_oss):
 def test_mxfp4_expert_without_its_scales_is_refused(gpt_oss_mxfp4, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dist_reshard.errors import ConversionError
+    from dist_reshard.base.errors import ConversionError
 
     folder = tmp_path / "hf"
     shutil.copytree(gpt_oss_mxfp4[0], folder)
@@ -145,7 +145,7 @@ def test_mxfp4_expert_without_its_scales_is_refused(gpt_oss_mxfp4, tmp_path):
 
 
 def test_gpt_oss_fused_expert_of_wrong_shape_is_refused(gpt_oss, tmp_path):
-    from dist_reshard.errors import ConversionError
+    from dist_reshard.base.errors import ConversionError
 
     folder = tmp_path / "hf"
     shutil.copytree(gpt_oss, folder)
@@ -163,9 +163,9 @@ def test_gpt_oss_way_back_is_byte_identical(converted, gpt_oss, fmt):
 
 def test_mxfp4_experts_decode_as_transformers_decodes_them(gpt_oss_mxfp4):
     """Each expert's MXFP4 slab (blocks and scales) decodes to transformers' own dequantization, unfused."""
-    from dist_reshard.decode import read_rows
-    from dist_reshard.hf_source import open_hf_folder
-    from dist_reshard.reader import RangeReader
+    from dist_reshard.read.decode import read_rows
+    from dist_reshard.source.hf_source import open_hf_folder
+    from dist_reshard.read.reader import RangeReader
 
     decoded = load_hf_state(gpt_oss_mxfp4[1])
     _cfg, _family, index = open_hf_folder(gpt_oss_mxfp4[0])
@@ -184,10 +184,10 @@ def test_mxfp4_experts_decode_as_transformers_decodes_them(gpt_oss_mxfp4):
 
 def test_fused_expert_views_read_the_bytes_hf_holds(gpt_oss):
     """Each per-expert view decodes, from its own slab of the file, to the reference unfusing."""
-    from dist_reshard.decode import read_rows
-    from dist_reshard.dtypes import TORCH_DTYPES
-    from dist_reshard.hf_source import open_hf_folder
-    from dist_reshard.reader import RangeReader
+    from dist_reshard.read.decode import read_rows
+    from dist_reshard.base.dtypes import TORCH_DTYPES
+    from dist_reshard.source.hf_source import open_hf_folder
+    from dist_reshard.read.reader import RangeReader
 
     hf, config = load_hf_state(gpt_oss), load_hf_config(gpt_oss)
     _cfg, _family, index = open_hf_folder(gpt_oss)

@@ -20,8 +20,8 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import load_hf_state, mcore_check, run_cases, torchrun
-from dist_reshard.errors import ConversionError
-from dist_reshard.tiny_models import BASE, VARIANTS, build_model, save_model
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.testing.tiny_models import BASE, VARIANTS, build_model, save_model
 from reference_legacy_gpt import legacy_gpt_files, to_old_qkv_order
 
 TOLERANCE = 1e-4
@@ -156,8 +156,8 @@ def test_legacy_round_trip_through_megatron_core(converted, name):
 
 
 def test_inspect_reads_a_legacy_checkpoint(models, converted):
-    from dist_reshard.inspect import summary
-    from dist_reshard.logical import open_checkpoint
+    from dist_reshard.tools.inspect import summary
+    from dist_reshard.tools.logical import open_checkpoint
 
     info = summary(converted["llama_tied-tp2pp2"])
     assert (info["format"], info["family"], info["layout"]) == ("legacy_gpt", "llama", {"tp": 2, "pp": 2, "vpp": None})
@@ -167,7 +167,7 @@ def test_inspect_reads_a_legacy_checkpoint(models, converted):
 
 
 def test_verify_checks_legacy_files_against_the_hf_source(models, converted, tmp_path):
-    from dist_reshard.verify import check_against, check_files
+    from dist_reshard.tools.verify import check_against, check_files
 
     out = converted["qwen2-tp2pp2"]
     assert check_files(out) == [] and check_against(out, models["qwen2"]) == []
@@ -329,8 +329,8 @@ def _config_folder(tmp_path, variant, **overrides):
 ])
 def test_what_the_legacy_model_cannot_express_is_refused(tmp_path, variant, expected):
     from dist_reshard.families import family_for
-    from dist_reshard.hf_config import read_config
-    from dist_reshard.legacy_gpt import check_target
+    from dist_reshard.config.hf_config import read_config
+    from dist_reshard.families.legacy_gpt import check_target
 
     cfg = read_config(_config_folder(tmp_path, variant))
     with pytest.raises(ConversionError, match="^--dst legacy: ") as e:
@@ -366,7 +366,7 @@ def _position_embeddings(sd):
     (_set_args(add_bias_linear=True), "args.add_bias_linear = True"),
 ])
 def test_legacy_sources_outside_the_dense_families_are_refused(converted, tmp_path, edit, expected):
-    from dist_reshard.megatron_source import open_source
+    from dist_reshard.source.megatron_source import open_source
 
     src = _edit_legacy(converted, tmp_path, edit)
     with pytest.raises(ConversionError) as e:

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import load_hf_state, run_cases, torchrun
-from dist_reshard.errors import ConversionError
-from dist_reshard.hf_source import open_hf_folder
-from dist_reshard.layout import TargetLayout
-from dist_reshard.rank_plan import make_plan
-from dist_reshard.tiny_models import build_llava, save_model
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.source.hf_source import open_hf_folder
+from dist_reshard.config.layout import TargetLayout
+from dist_reshard.plan.planner import make_plan
+from dist_reshard.testing.tiny_models import build_llava, save_model
 from reference_llava import llava_legacy_files
 
 # Tensors of the tower LLaVA never reads: CLIP (vision_feature_layer -2): the last of 3 layers and post_layernorm;
@@ -170,8 +170,8 @@ def test_export_without_stored_hf_config(llava, converted, tmp_path, src):
 def test_hf_config_preflight_reads_text_config(llava, converted):
     """--hf-config of a LLaVA conversion: the language model's sizes live in text_config, which the preflight
     reads (and names a difference there)."""
-    from dist_reshard.hf_config import config_from_dict, read_config
-    from dist_reshard.megatron_source import open_source
+    from dist_reshard.config.hf_config import config_from_dict, read_config
+    from dist_reshard.source.megatron_source import open_source
 
     source = open_source(str(converted / "hf_torch"), reference=read_config(str(llava / "hf")))
     assert source.config.num_layers == read_config(str(llava / "hf")).num_layers
@@ -285,7 +285,7 @@ def _planned_from_meta(raw: dict):
     import transformers
 
     from dist_reshard.families import family_for
-    from dist_reshard.hf_config import config_from_dict
+    from dist_reshard.config.hf_config import config_from_dict
     from synthetic import lay_out
 
     config = transformers.LlavaConfig(**{k: v for k, v in raw.items() if k != "architectures"})

@@ -17,13 +17,13 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import load_hf_config, load_hf_state, run_cases, torchrun
-from dist_reshard.errors import ConversionError
+from dist_reshard.base.errors import ConversionError
 from dist_reshard.families import family_for
-from dist_reshard.hf_config import config_from_dict, read_config
-from dist_reshard.layout import TargetLayout
-from dist_reshard.rank_plan import make_plan
-from dist_reshard.tiny_models import HYBRID_VARIANTS, build_model, save_model
-from dist_reshard.verify import check_against
+from dist_reshard.config.hf_config import config_from_dict, read_config
+from dist_reshard.config.layout import TargetLayout
+from dist_reshard.plan.planner import make_plan
+from dist_reshard.testing.tiny_models import HYBRID_VARIANTS, build_model, save_model
+from dist_reshard.tools.verify import check_against
 from reference_mamba import legacy_files, torch_dist_tensors
 from reference_mamba import pattern as hybrid_pattern
 
@@ -172,7 +172,7 @@ def test_bit_exact_against_reference(converted, variant, tmp_path):
     _check_torch_dist(converted[f"{variant}-tp2pp2-torch-to-tp1-torch_dist"], hf, 1, tmp_path)
     _check_legacy(converted[f"{variant}-tp1-torch_dist-to-tp2pp2-torch"], hf, 2, 2)
     _check_legacy(converted[f"{variant}-tp2-torch_dist-to-pp2-torch"], hf, 1, 2)
-    # dist_reshard.verify agrees, slice by slice.
+    # dist_reshard.tools.verify agrees, slice by slice.
     for name in ("tp2pp2-torch", "tp2-torch_dist"):
         assert check_against(converted[f"{variant}-{name}"], hf) == []
 
@@ -284,7 +284,7 @@ def test_refused_by_name(raw, layout, message):
 
 def test_megatron_source_with_other_d_shape_is_refused(converted, tmp_path):
     """A Megatron checkpoint whose mixer D is per channel (D_has_hdim) is named, not misread."""
-    from dist_reshard.megatron_source import open_source
+    from dist_reshard.source.megatron_source import open_source
 
     src = converted["mamba2-tp2-torch"]
     dst = tmp_path / "d_has_hdim"
@@ -315,7 +315,7 @@ def test_hf_config_preflight_reads_the_pattern_form(converted):
     """--hf-config of a Nemotron-H conversion: transformers 5 saves no num_hidden_layers, only the pattern;
     the preflight counts the pattern's layers (and would name a layer-count difference). No MoE args come from
     the config's MoE defaults when no layer is MoE."""
-    from dist_reshard.megatron_source import open_source
+    from dist_reshard.source.megatron_source import open_source
 
     reference = read_config(converted["nemotron_h"])
     assert "num_hidden_layers" not in json.load(open(os.path.join(converted["nemotron_h"], "config.json")))

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import torchrun
-from dist_reshard.convert import Options, _plan
-from dist_reshard.errors import ConversionError
-from dist_reshard.hf_config import config_from_dict
-from dist_reshard.layout import HFLayout
-from dist_reshard.megatron_source import open_source
+from dist_reshard.run.options import Options
+from dist_reshard.run.job import _plan
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.config.hf_config import config_from_dict
+from dist_reshard.config.layout import HFLayout
+from dist_reshard.source.megatron_source import open_source
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "megatron-lm-core_v0.16.1")
 

@@ -9,7 +9,7 @@ import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import load_hf_config, load_hf_state, run_cases
-from dist_reshard.tiny_models import MOE_VARIANTS
+from dist_reshard.testing.tiny_models import MOE_VARIANTS
 from reference_moe import legacy_files, num_experts, torch_dist_tensors
 
 # (name, variant, layout); each runs in both formats unless the layout says otherwise.

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from conftest import assert_same_hf, load_hf_config, load_hf_state, mcore_check
-from dist_reshard.tiny_models import build_model, save_model
+from dist_reshard.testing.tiny_models import build_model, save_model
 from test_convert_exact import check_legacy, check_torch_dist
 
 
@@ -73,10 +73,10 @@ def test_phi3_way_back_is_byte_identical(converted, model, fmt):
 def test_phi3_longrope_and_partial_rotary_are_refused(model, tmp_path, changes, message):
     import shutil
 
-    from dist_reshard.errors import ConversionError
-    from dist_reshard.hf_source import open_hf_folder
-    from dist_reshard.layout import TargetLayout
-    from dist_reshard.rank_plan import make_plan
+    from dist_reshard.base.errors import ConversionError
+    from dist_reshard.source.hf_source import open_hf_folder
+    from dist_reshard.config.layout import TargetLayout
+    from dist_reshard.plan.planner import make_plan
 
     folder = tmp_path / "hf"
     shutil.copytree(model, folder)

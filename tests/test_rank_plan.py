@@ -8,10 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dist_reshard.errors import ConversionError
+from dist_reshard.base.errors import ConversionError
 from dist_reshard.families import family_for
-from dist_reshard.layout import TargetLayout
-from dist_reshard.rank_plan import DEFAULT_BUCKET_BYTES, make_plan
+from dist_reshard.config.layout import TargetLayout
+from dist_reshard.plan.data import DEFAULT_BUCKET_BYTES
+from dist_reshard.plan.planner import make_plan
 from synthetic import LLAMA_405B, synthetic
 
 
@@ -238,7 +239,7 @@ def test_torch_dist_chunks_whole_up_to_the_threshold(whole_chunk_bytes):
 def test_torch_dist_chunks_cut_along_dim0(max_chunk_bytes):
     """Chunks above max_chunk_bytes (automatic: 1/16 of an even share, at least 64 MiB) are cut into row
     ranges of whole rows; the chunks still tile every tensor exactly, and their pieces cover the rows."""
-    from dist_reshard.layout import AUTO_MIN_CHUNK_BYTES
+    from dist_reshard.config.layout import AUTO_MIN_CHUNK_BYTES
 
     config, index = synthetic(dict(LLAMA_405B, num_hidden_layers=2))
     world = 4

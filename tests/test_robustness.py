@@ -222,7 +222,7 @@ def test_resume_after_the_source_changed_under_the_same_headers_redoes_every_fil
 
     from safetensors.torch import load_file, save_file
 
-    from dist_reshard.manifest import source_fingerprint
+    from dist_reshard.formats.manifest import source_fingerprint
 
     load = tmp_path / "src"
     shutil.copytree(hf_models["llama3"], load)
@@ -246,7 +246,7 @@ def test_verify_an_hf_output_and_the_stored_args(hf_models, tmp_path):
     HF layout); `verify MCORE --against HF` also compares the stored args with those the source gives."""
     import torch
 
-    from dist_reshard.manifest import file_digest, read_manifest, write_manifest
+    from dist_reshard.formats.manifest import file_digest, read_manifest, write_manifest
 
     mcore, hf_out = tmp_path / "mcore", tmp_path / "hf_out"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")

@@ -1,5 +1,5 @@
 """Untrusted pickles: every pickle the converter, `inspect` and `verify` read goes through one allow-list
-(dist_reshard/safe_pickle.py). Real Megatron state (tensors with attributes, Parameters, args with enums,
+(dist_reshard/formats/safe_pickle.py). Real Megatron state (tensors with attributes, Parameters, args with enums,
 numpy RNG state) reads as metadata; a payload in any file kind is refused by name before it can run."""
 
 import argparse
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from conftest import ROOT, run_cases
-from dist_reshard.errors import ConversionError
-from dist_reshard.manifest import file_digest, read_manifest, write_manifest
-from dist_reshard.safe_pickle import TensorRef, UnsafePickle, load_pt, read_dcp_metadata, read_pt_metadata
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.formats.manifest import file_digest, read_manifest, write_manifest
+from dist_reshard.formats.safe_pickle import TensorRef, UnsafePickle, load_pt, read_dcp_metadata, read_pt_metadata
 
 
 class Payload:
@@ -179,7 +179,7 @@ def test_extension_registry_and_garbage_are_one_line_errors(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny model converted to Megatron torch, torch_dist and legacy GPT files (one 2-rank job)."""
-    from dist_reshard.tiny_models import build_model, save_model
+    from dist_reshard.testing.tiny_models import build_model, save_model
 
     root = tmp_path_factory.mktemp("payload")
     hf = str(root / "hf")
@@ -219,7 +219,7 @@ def test_payload_in_a_dcp_chunk_is_named(tmp_path, crc):
 
     from torch.utils.serialization import config
 
-    from dist_reshard.safe_pickle import load_tensor_blob
+    from dist_reshard.formats.safe_pickle import load_tensor_blob
 
     marker = tmp_path / "ran"
     blob = io.BytesIO()

@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from dist_reshard.errors import ConversionError
-from dist_reshard.rank_plan import ReadItem
-from dist_reshard.reader import RangeReader
-from dist_reshard.safetensors_index import index_folder, parse_file
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.plan.data import ReadItem
+from dist_reshard.read.reader import RangeReader
+from dist_reshard.formats.safetensors_index import index_folder, parse_file
 
 
 def _write(path, header: dict, data: bytes):

@@ -7,7 +7,7 @@ from argparse import Namespace
 import pytest
 import torch
 
-from dist_reshard.manifest import FILE_HASH, file_digest, new_file_hasher
+from dist_reshard.formats.manifest import FILE_HASH, file_digest, new_file_hasher
 from dist_reshard.writers import legacy
 from dist_reshard.writers.splice import Splice, SplicingFile
 

@@ -11,8 +11,8 @@ import re
 import pytest
 import torch
 
-from dist_reshard.errors import ConversionError
-from dist_reshard.layout import TargetLayout
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.config.layout import TargetLayout
 
 LAYOUT_STRINGS = ["Et|tt|t|tL", "Ettt|tL", "E|t*4|tL", "Et*3|(tt|)*2,L", "Ett||ttL", "Et|t|t|t|t|tL", "tE|ttL",
                   "Ett|ttt", "Et|tm|L", "Ex|ttL", "EEt|tL", "Et|tL|L", "Et*2|t*2|tL"]
@@ -119,7 +119,7 @@ ROUND_TRIPS = ["first3-tp2pp2-torch", "string-tp2pp2-torch", "moe-first2-pp2ep2-
 
 @pytest.fixture(scope="module")
 def uneven_models(tmp_path_factory):
-    from dist_reshard.tiny_models import build_model, save_model
+    from dist_reshard.testing.tiny_models import build_model, save_model
 
     root = tmp_path_factory.mktemp("uneven_hf")
     out = {}
@@ -234,7 +234,7 @@ def test_uneven_round_trip_to_hf_byte_identical(uneven_results, name):
     (dict(pp=3, stage_layout="Ett||tL"), 3, "torch", "holds no layer"),
 ])
 def test_refusals_name_megatron_core_rule(fields, num_layers, ckpt_format, named):
-    from dist_reshard.hf_config import config_from_dict
+    from dist_reshard.config.hf_config import config_from_dict
 
     cfg = config_from_dict(dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=16,
                                 intermediate_size=32, num_hidden_layers=num_layers, num_attention_heads=2,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import ConversionError
-from ..mapping import Family
+from ..base.errors import ConversionError
+from .mapping import Family
 from . import deepseek_v2, deepseek_v3, glm4_moe, gpt_oss, hybrid, llama, llava, mixtral, phi3, qwen2, qwen3, qwen_moe
 
 FAMILIES: tuple[Family, ...] = (llama.LLAMA, llama.MISTRAL, qwen2.QWEN2, qwen3.QWEN3, phi3.PHI3, mixtral.MIXTRAL,

@@ -7,7 +7,7 @@ into halves first. Both give the same attention scores, and Megatron's MLA compu
 transform of its own: DeepSeek-V3's table.
 """
 
-from ..mapping import Family
+from .mapping import Family
 from .deepseek_v3 import DEEPSEEK_V3, check_mla
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -15,7 +15,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy")
 
 class DeepseekV2(Family):
     def check(self, cfg) -> None:
-        from ..errors import ConversionError
+        from ..base.errors import ConversionError
 
         check_mla(cfg)
         method = cfg.raw.get("topk_method", "greedy")

@@ -9,7 +9,7 @@ modules, and its MLA layers have no key map, so its torch_dist keys are its own 
 
 import dataclasses
 
-from ..mapping import Family, Kind, rule
+from .mapping import Family, Kind, rule
 from .llama import DENSE_MLP, EMBEDDING, FINAL
 from .moe import routed_experts, shared_expert
 
@@ -56,7 +56,7 @@ def _local_keys_unmapped(r):
 
 def check_sigmoid_routing(cfg) -> None:
     """DeepSeek-style routing Megatron-Core cannot express (shared by the families that route this way)."""
-    from ..errors import ConversionError
+    from ..base.errors import ConversionError
 
     if cfg.router_score != "sigmoid" or (cfg.moe_topk > 1 and not cfg.norm_topk_prob):
         # Megatron's sigmoid router always renormalises the top-k weights.
@@ -72,7 +72,7 @@ def check_sigmoid_routing(cfg) -> None:
 
 def check_mla(cfg) -> None:
     """Multi-latent attention Megatron-Core cannot express (shared by the families built on it)."""
-    from ..errors import ConversionError
+    from ..base.errors import ConversionError
 
     if not cfg.mla:
         raise ConversionError(f"config.json: {cfg.architecture} without kv_lora_rank is not multi-latent "

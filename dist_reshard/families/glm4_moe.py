@@ -10,7 +10,7 @@ DeepSeek-V3's names: DeepSeek-V3's table.
 
 import dataclasses
 
-from ..mapping import Family
+from .mapping import Family
 from .deepseek_v3 import DEEPSEEK_V3, ROUTER_BIAS, DeepseekV3, check_sigmoid_routing
 from .llama import ATTENTION, DENSE_MLP, EMBEDDING, FINAL
 from .moe import routed_experts, shared_expert

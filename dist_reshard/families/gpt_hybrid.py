@@ -8,8 +8,8 @@ something else. The layout is a relabelling of the GPT family's own table (`Rule
 
 import dataclasses
 
-from ..errors import ConversionError
-from ..mapping import LAYER, Family
+from ..base.errors import ConversionError
+from .mapping import LAYER, Family
 
 _GPT_FINAL_NORM = "decoder.final_layernorm.weight"
 

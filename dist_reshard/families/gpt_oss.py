@@ -14,9 +14,9 @@ layer a MoE whose router and experts carry biases, experts fused in HF (see fuse
 - The way back writes the fused tensors again (fused_experts.py), byte for byte what the HF folder held.
 """
 
-from ..errors import ConversionError
-from ..fused_experts import FusedExperts, split_fused_experts
-from ..mapping import Family, Kind, rule
+from ..base.errors import ConversionError
+from .fused_experts import FusedExperts, split_fused_experts
+from .mapping import Family, Kind, rule
 from .llama import ATTENTION, EMBEDDING, FINAL
 
 

@@ -10,8 +10,8 @@ gated norm split by heads / d_inner; out_proj is row-parallel. MambaStack keys e
 `decoder.layers.{g}.` in torch_dist.
 """
 
-from ..errors import ConversionError
-from ..mapping import Family, Kind, rule
+from ..base.errors import ConversionError
+from .mapping import Family, Kind, rule
 
 HF_LAYER = "backbone.layers.{i}."
 IN_PROJ_PARTS = ("z", "x", "B", "C", "dt")

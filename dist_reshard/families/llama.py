@@ -1,6 +1,6 @@
 """Llama 2 / 3 / 3.1 / 3.2 and Mistral: the dense decoder every other family extends."""
 
-from ..mapping import Family, Kind, rule
+from .mapping import Family, Kind, rule
 
 EMBEDDING = (
     rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", Kind.VOCAB, layer=False),

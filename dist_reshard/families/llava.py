@@ -18,8 +18,8 @@ and its attention-pooling `head` is left out.
 
 import dataclasses
 
-from ..errors import ConversionError
-from ..mapping import Family, Kind, Rule, prefixed
+from ..base.errors import ConversionError
+from .mapping import Family, Kind, Rule, prefixed
 from .llama import DENSE_DECODER
 
 VIT = "vision_model."

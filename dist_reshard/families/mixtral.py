@@ -1,6 +1,6 @@
 """Mixtral: the Mistral decoder with every MLP replaced by `block_sparse_moe` (w1 gate, w3 up, w2 down)."""
 
-from ..mapping import Family
+from .mapping import Family
 from .llama import ATTENTION, EMBEDDING, FINAL
 from .moe import routed_experts
 

@@ -6,7 +6,7 @@ torch_dist. Experts are TP-split by the expert tensor-parallel size and stored i
 expert axis (`mlp.experts.experts.*`), whichever expert implementation wrote them.
 """
 
-from ..mapping import Kind, rule
+from .mapping import Kind, rule
 
 
 def routed_experts(router: str, experts: str, gate: str, up: str, down: str) -> tuple:

@@ -9,8 +9,8 @@
   partial rotary here (Megatron reads `rotary_percent` back only as GLM-4.5). Both are refused by name.
 """
 
-from ..errors import ConversionError
-from ..mapping import Family, Kind, rule
+from ..base.errors import ConversionError
+from .mapping import Family, Kind, rule
 from .llama import EMBEDDING, FINAL
 
 ATTENTION = (

@@ -1,6 +1,6 @@
 """Qwen3: the dense decoder plus per-head RMSNorm on queries and keys; head_dim may differ from hidden/heads."""
 
-from ..mapping import Family, Kind, rule
+from .mapping import Family, Kind, rule
 from .llama import DENSE_DECODER
 
 QK_NORM = (

@@ -4,7 +4,7 @@ Both may mix dense and MoE layers (`decoder_sparse_step`, `mlp_only_layers`): th
 the dense layers only.
 """
 
-from ..mapping import Family
+from .mapping import Family
 from .llama import ATTENTION, DENSE_MLP, EMBEDDING, FINAL
 from .moe import routed_experts, shared_expert
 from .qwen3 import QK_NORM

@@ -12,8 +12,8 @@ import shutil
 
 import torch
 
-from ..manifest import FILE_HASH, new_file_hasher
-from ..safetensors_index import DTYPE_SIZES
+from ..formats.manifest import FILE_HASH, new_file_hasher
+from ..formats.safetensors_index import DTYPE_SIZES
 from .splice import spliced_file
 
 # Files a reference HF folder contributes with --hf-config (besides config.json).

@@ -9,8 +9,8 @@ from argparse import Namespace
 
 import torch
 
-from ..legacy_gpt import to_legacy
-from ..manifest import FILE_HASH, new_file_hasher
+from ..families.legacy_gpt import to_legacy
+from ..formats.manifest import FILE_HASH, new_file_hasher
 from .extra_state import linear_modules
 from .splice import spliced_file
 

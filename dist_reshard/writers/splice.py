@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConversionError
+from ..base.errors import ConversionError
 
 
 @dataclass(frozen=True)

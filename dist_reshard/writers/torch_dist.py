@@ -18,11 +18,11 @@ from contextlib import contextmanager
 
 import torch
 
-from ..rank_plan import Plan, Target
+from ..plan.data import Plan, Target
 from .extra_state import linear_modules
 from .legacy import skip_zip_crc
 from .splice import SplicingFile, check_all_spliced
-from ..dtypes import TORCH_DTYPES as _TORCH_DTYPES
+from ..base.dtypes import TORCH_DTYPES as _TORCH_DTYPES
 
 
 METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,

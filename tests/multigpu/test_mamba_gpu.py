@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import torchrun
-from dist_reshard.tiny_models import HYBRID_VARIANTS, build_model, save_model
+from dist_reshard.testing.tiny_models import HYBRID_VARIANTS, build_model, save_model
 
 
 def _missing() -> str | None:

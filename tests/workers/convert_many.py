@@ -9,9 +9,10 @@ import os
 import sys
 
 if __name__ == "__main__":
-    from dist_reshard import collectives
-    from dist_reshard.convert import Options, run
-    from dist_reshard.layout import HFLayout, TargetLayout, parse_size
+    from dist_reshard.exchange import collectives
+    from dist_reshard.run.options import Options
+    from dist_reshard.run.job import run
+    from dist_reshard.config.layout import HFLayout, TargetLayout, parse_size
 
     with open(sys.argv[1]) as f:
         cases = json.load(f)

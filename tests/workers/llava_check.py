@@ -17,9 +17,10 @@ if __name__ == "__main__":
     import torch.distributed as dist
     from transformers import LlavaForConditionalGeneration
 
-    from dist_reshard import mcore_cpu
-    from dist_reshard.convert import Options, run
-    from dist_reshard.layout import TargetLayout
+    from dist_reshard.testing import mcore_cpu
+    from dist_reshard.run.options import Options
+    from dist_reshard.run.job import run
+    from dist_reshard.config.layout import TargetLayout
     from mcore_llava import build_llava_model, llava_logits
 
     def image_features(args) -> int:

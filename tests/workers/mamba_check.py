@@ -20,10 +20,11 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mamba_cpu import build_mamba_model
 
-    from dist_reshard import mcore_cpu
-    from dist_reshard.convert import Options, run
-    from dist_reshard.layout import TargetLayout
-    from dist_reshard.mapping import padded_vocab_size
+    from dist_reshard.testing import mcore_cpu
+    from dist_reshard.run.options import Options
+    from dist_reshard.run.job import run
+    from dist_reshard.config.layout import TargetLayout
+    from dist_reshard.config.layout import padded_vocab_size
 
     with open(sys.argv[1]) as f:
         cases = json.load(f)

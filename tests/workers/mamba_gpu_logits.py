@@ -15,8 +15,8 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from mamba_cpu import build_mamba_model
 
-    from dist_reshard import mcore_cpu
-    from dist_reshard.mapping import padded_vocab_size
+    from dist_reshard.testing import mcore_cpu
+    from dist_reshard.config.layout import padded_vocab_size
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 

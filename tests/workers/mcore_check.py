@@ -18,14 +18,15 @@ if __name__ == "__main__":
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from dist_reshard import mcore_cpu
-    from dist_reshard.convert import Options, run
-    from dist_reshard import megatron_args
-    from dist_reshard.layout import HFLayout, TargetLayout
+    from dist_reshard.testing import mcore_cpu
+    from dist_reshard.run.options import Options
+    from dist_reshard.run.job import run
+    from dist_reshard.config import megatron_args
+    from dist_reshard.config.layout import HFLayout, TargetLayout
 
     # Uneven pipeline split fields of a case (TargetLayout's names).
     SPLIT = ("first_stage_layers", "last_stage_layers", "embedding_in_split", "loss_in_split", "stage_layout")
-    from dist_reshard.mapping import padded_vocab_size
+    from dist_reshard.config.layout import padded_vocab_size
 
     with open(sys.argv[1]) as f:
         cases = json.load(f)

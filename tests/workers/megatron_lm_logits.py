@@ -14,9 +14,10 @@ import torch
 if __name__ == "__main__":
     import torch.distributed as dist
 
-    from dist_reshard import mcore_cpu
-    from dist_reshard.convert import Options, run
-    from dist_reshard.layout import HFLayout, TargetLayout
+    from dist_reshard.testing import mcore_cpu
+    from dist_reshard.run.options import Options
+    from dist_reshard.run.job import run
+    from dist_reshard.config.layout import HFLayout, TargetLayout
 
     with open(sys.argv[1]) as f:
         cases = json.load(f)

@@ -3,93 +3,140 @@
 Also `srun python -m dist_reshard.launch ...` (SLURM) and `mpirun -np N python -m dist_reshard.launch ...`
 (MPI through mpi4py); see launchers.py.
 
-Each rank prints a failing job's error as the first line of its stderr and exits 1; rank 0 prints the
-summary and writes the `--report` JSON.
+A thin layer over the Python API (`dist_reshard.convert`, api.py): each rank prints a failing job's error as
+the first line of its stderr and exits 1; rank 0 prints the summary and writes the `--report` JSON.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 
 from .base.errors import ConversionError
-from .config.layout import CKPT_FORMATS, DTYPES, TRANSFORMER_IMPLS, TargetLayout
+from .config.layout import CKPT_FORMATS, DTYPES, TRANSFORMER_IMPLS, parse_size
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dist_reshard.launch", description=__doc__.splitlines()[0])
-    p.add_argument("--src", choices=["hf", "mcore"], required=True,
-                   help="source format: HF safetensors, or a Megatron-Core checkpoint (torch or torch_dist, "
-                        "any layout; detected from its files)")
-    p.add_argument("--dst", choices=["mcore", "hf", "legacy"], required=True,
-                   help="destination format (legacy: Megatron-LM's pre-Megatron-Core GPT names, torch files)")
-    p.add_argument("--load", required=True,
-                   help="source folder (HF: config.json + *.safetensors; mcore: the folder holding "
-                        "latest_checkpointed_iteration.txt or an iter_* folder)")
-    p.add_argument("--max-shard-size", default="5GB", help="--dst hf: largest safetensors file (as transformers)")
-    p.add_argument("--hf-config", default=None,
-                   help="--dst hf: take config.json, generation config and tokenizer files from this HF folder")
-    p.add_argument("--vocab-size", type=int, default=None,
-                   help="--src mcore: the true (unpadded) vocabulary size, for checkpoints whose args store only the "
-                        "padded one (trained with an HF tokenizer); --hf-config's vocab_size gives it too")
-    p.add_argument("--save", required=True, help="destination folder")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline chunks per stage")
-    p.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
-                   help="--dst mcore: decoder layers on the first pipeline stage (uneven split, as Megatron-LM)")
-    p.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
-                   help="--dst mcore: decoder layers on the last pipeline stage (uneven split, as Megatron-LM)")
-    p.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
-                   help="--dst mcore: count the embedding as a layer of the first stage when splitting (Megatron-LM)")
-    p.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
-                   help="--dst mcore: count the loss as a layer of the last stage when splitting (Megatron-LM)")
-    p.add_argument("--pipeline-model-parallel-layout", default=None,
-                   help="--dst mcore: Megatron-Core's layout string, e.g. 'Et*3|(tt|)*29|L' (E embedding, t decoder "
-                        "layer, L loss, | between stages; VPP stages follow from its length)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
-    p.add_argument("--etp", type=int, default=None,
-                   help="expert tensor-parallel size (default: --tp, as Megatron-Core defaults it)")
-    p.add_argument("--moe-grouped-gemm", action="store_true",
-                   help="legacy format: grouped-GEMM expert names (linear_fc1.weight<i>) instead of SequentialMLP's")
-    p.add_argument("--drop-mtp", action="store_true",
-                   help="DeepSeek-V3: convert without the multi-token-prediction layers stored after the decoder "
-                        "(model.layers.<num_hidden_layers>.*); without this flag their presence is an error")
-    p.add_argument("--layer-pattern", default=None,
-                   help="--dst mcore: lay a GPT model out as a MambaModel with this pattern of attention (*) and MLP "
-                        "(-) layers, e.g. '*-*-'; 'gpt' lays such a model out as a GPTModel again")
-    p.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist")
-    p.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
-                   help="parameter naming: TransformerEngine spec (default) or local spec")
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--whole-chunk-mb", type=int, default=64,
-                   help="torch_dist: write a tensor of at most this many MiB as one chunk rather than one per TP "
-                        "rank (Megatron reshards on load either way); 0 keeps every TP chunk")
-    p.add_argument("--max-chunk-mb", type=int, default=None,
-                   help="torch_dist: cut larger chunks along dim 0 (default: 1/16 of an even share of the model "
-                        "per rank, at least 64), so each rank writes close to 1/N of it")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="output dtype (default: source dtype)")
-    p.add_argument("--report", default=None, help="write a JSON report (per-rank bytes, RSS, phase times)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
-    p.add_argument("--dry-run", action="store_true", help="plan and account only; touch no data")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="exchange on the GPU with NCCL (auto when CUDA is present) or on the CPU with gloo")
-    p.add_argument("--loopback", action="store_true",
-                   help="a check of the exchange: send every byte, a rank's own too, through the collective (on "
-                        "one GPU with --device cuda: NCCL and device buffers) instead of copying it locally; "
-                        "same output, slower")
-    p.add_argument("--bucket-mb", type=int, default=256, help="bytes in flight per rank per exchange (MiB)")
-    p.add_argument("--resume", action="store_true",
-                   help="after a crash: keep the files a previous run of the same command finished, redo the rest")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds a collective may wait for a silent peer before every rank gives up")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success (no progress bar either)")
-    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                   help="rank 0's progress bar: auto shows it when stderr is a terminal")
+    p = argparse.ArgumentParser(
+        prog="dist_reshard.launch", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.splitlines()[0], epilog=_EXAMPLES)
+    job = p.add_argument_group("the job")
+    job.add_argument("--src", choices=["hf", "mcore"], required=True,
+                     help="source: hf (a safetensors folder with config.json) or mcore (a Megatron-Core checkpoint, "
+                          "torch or torch_dist, any layout; its format and layout are read from its files)")
+    job.add_argument("--dst", choices=["mcore", "hf", "legacy"], required=True,
+                     help="destination: mcore (Megatron-Core, at the layout below), hf (safetensors), or legacy "
+                          "(pre-Megatron-Core GPT names in torch files)")
+    job.add_argument("--load", metavar="DIR", required=True,
+                     help="source folder (hf: config.json + *.safetensors; mcore: the folder holding "
+                          "latest_checkpointed_iteration.txt, or an iter_* folder); never written")
+    job.add_argument("--save", metavar="DIR", required=True,
+                     help="destination folder; written through a staging folder beside it and moved into place "
+                          "only when every rank has finished")
+
+    lay = p.add_argument_group("target layout (--dst mcore / legacy)")
+    lay.add_argument("--tp", type=int, metavar="N", default=1, help="tensor-parallel size (default 1)")
+    lay.add_argument("--pp", type=int, metavar="N", default=1, help="pipeline-parallel size (default 1)")
+    lay.add_argument("--vpp", type=int, metavar="N", default=None,
+                     help="virtual pipeline stages per rank (default none; a layout string implies it)")
+    lay.add_argument("--decoder-first-pipeline-num-layers", type=int, metavar="N", default=None,
+                     help="uneven split: decoder layers on the first stage (default: an even split)")
+    lay.add_argument("--decoder-last-pipeline-num-layers", type=int, metavar="N", default=None,
+                     help="uneven split: decoder layers on the last stage (default: an even split)")
+    lay.add_argument("--account-for-embedding-in-pipeline-split", action="store_true",
+                     help="count the embedding as a layer of the first stage when splitting (as Megatron-LM; off)")
+    lay.add_argument("--account-for-loss-in-pipeline-split", action="store_true",
+                     help="count the loss as a layer of the last stage when splitting (as Megatron-LM; off)")
+    lay.add_argument("--pipeline-model-parallel-layout", metavar="LAYOUT", default=None,
+                     help="Megatron-Core's stage layout string, e.g. 'Et*3|(tt|)*29|L' (E embedding, t decoder "
+                          "layer, L loss, | between stages; VPP follows from its length); replaces the flags above")
+    lay.add_argument("--layer-pattern", metavar="PATTERN", default=None,
+                     help="lay a GPT model out as a MambaModel with this pattern of attention (*) and MLP (-) "
+                          "layers, e.g. '*-*-'; 'gpt' lays such a model out as a GPTModel again (default: as is)")
+
+    moe = p.add_argument_group("mixture of experts")
+    moe.add_argument("--ep", type=int, metavar="N", default=1, help="expert-parallel size (default 1)")
+    moe.add_argument("--etp", type=int, metavar="N", default=None,
+                     help="expert tensor-parallel size (default: --tp, as Megatron-Core defaults it); legacy files "
+                          "need it to divide --tp")
+    moe.add_argument("--moe-grouped-gemm", action="store_true",
+                     help="legacy format: grouped-GEMM expert names (linear_fc1.weight<i>) instead of "
+                          "SequentialMLP's (local_experts.<i>.linear_fc1.weight); off. torch_dist loads either way")
+    moe.add_argument("--drop-mtp", action="store_true",
+                     help="convert without the multi-token-prediction layers (DeepSeek-V3, GLM-4.5), named in the "
+                          "summary; without it such layers are an error")
+
+    fmt = p.add_argument_group("formats and names")
+    fmt.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
+                     help="--dst mcore: torch_dist (default: DCP, loads into any layout) or torch (legacy "
+                          "mp_rank_* files, loaded at exactly this layout)")
+    fmt.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default="transformer_engine",
+                     help="parameter names of the TransformerEngine spec (default) or the local spec; must match "
+                          "the model that loads the checkpoint")
+    fmt.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                     help="output dtype (default: each tensor's source dtype); FP8 and MXFP4 sources are written "
+                          "as the bf16 they stand for")
+    fmt.add_argument("--make-vocab-size-divisible-by", type=int, metavar="N", default=128,
+                     help="--dst mcore: pad the vocabulary to a multiple of this times --tp (default 128, as "
+                          "Megatron-LM)")
+    fmt.add_argument("--max-shard-size", metavar="SIZE", default="5GB",
+                     help="--dst hf: largest safetensors file (default 5GB, as transformers)")
+    fmt.add_argument("--hf-config", metavar="HF_DIR", default=None,
+                     help="--dst hf: an HF folder whose config.json, generation config and tokenizer files are "
+                          "copied and checked against the checkpoint's args (default: config.json from the args)")
+    fmt.add_argument("--vocab-size", type=int, metavar="N", default=None,
+                     help="--src mcore: the true (unpadded) vocabulary, for checkpoints whose args store only the "
+                          "padded one (trained with an HF tokenizer); --hf-config gives it too")
+
+    perf = p.add_argument_group("performance")
+    perf.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                      help="where the exchange runs: cuda (NCCL, GPU buffers), cpu (gloo); auto (default) picks "
+                           "cuda when a GPU is present")
+    perf.add_argument("--bucket-mb", type=int, metavar="N", default=256,
+                      help="MiB each rank holds in flight per exchange (default 256); lower it when memory is short")
+    perf.add_argument("--whole-chunk-mb", type=int, metavar="N", default=64,
+                      help="torch_dist: write a tensor of at most this many MiB as one chunk rather than one per TP "
+                           "rank (default 64; Megatron reshards on load either way); 0 keeps every TP chunk")
+    perf.add_argument("--max-chunk-mb", type=int, metavar="N", default=None,
+                      help="torch_dist: cut larger chunks along dim 0 (default: 1/16 of an even share of the model "
+                           "per rank, at least 64), so each rank writes close to 1/N of it")
+    perf.add_argument("--loopback", action="store_true",
+                      help="a check of the exchange: every byte, a rank's own too, goes through the collective "
+                           "(on one GPU with --device cuda: NCCL and device buffers); same output, slower; off")
+
+    safety = p.add_argument_group("safety and recovery")
+    safety.add_argument("--overwrite", action="store_true",
+                        help="replace an existing non-empty --save (moved aside first, removed once the new one is "
+                             "in place); off: refused")
+    safety.add_argument("--resume", action="store_true",
+                        help="after a crash: keep the files a previous run of the same job finished (and whose "
+                             "bytes and source still match), redo the rest; off")
+    safety.add_argument("--timeout", type=float, metavar="SECONDS", default=1800.0,
+                        help="seconds a collective waits for a silent (alive but stuck) peer before every rank gives "
+                             "up (default 1800); failures and dead ranks end the job within seconds regardless")
+    safety.add_argument("--dry-run", action="store_true",
+                        help="plan and print each rank's bytes read, written and in flight; touch no data")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--report", metavar="FILE", default=None,
+                     help="write the job report as JSON (per-rank bytes read, written, exchanged; peak RSS and GPU "
+                          "memory; phase times; what was skipped by name)")
+    out.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                     help="rank 0's progress bar: auto (default) shows it when stderr is a terminal")
+    out.add_argument("--quiet", action="store_true", help="print nothing on success (no progress bar or summary)")
     return p
+
+
+_EXAMPLES = """examples:
+  torchrun --nproc-per-node 8 -m dist_reshard.launch --src hf --dst mcore \
+      --load Llama-3-70B --save ckpt --tp 8 --pp 2               # HF -> Megatron-Core torch_dist
+  torchrun --nproc-per-node 8 -m dist_reshard.launch --src mcore --dst hf \
+      --load ckpt --save Llama-3-70B-back --hf-config Llama-3-70B  # and back
+  torchrun --nproc-per-node 8 -m dist_reshard.launch --src mcore --dst mcore \
+      --load ckpt --save ckpt-tp4 --tp 4 --pp 4 --ckpt-format torch  # to another layout and format
+python -m dist_reshard.inspect PATH describes a checkpoint; python -m dist_reshard.verify OUT --against SRC checks one.
+"""
 
 
 def _summary(job: dict) -> str:
@@ -121,48 +168,25 @@ def _summary(job: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    from .exchange import collectives
-    from .run.options import Options
-    from .run.job import run
+    from .api import convert
 
-    layout = TargetLayout(tp=ns.tp, pp=ns.pp, vpp=ns.vpp, ckpt_format=ns.ckpt_format,
-                          transformer_impl=ns.transformer_impl,
-                          make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by, dtype=ns.dtype,
-                          ep=ns.ep, etp=ns.etp, moe_grouped_gemm=ns.moe_grouped_gemm,
-                          whole_chunk_bytes=ns.whole_chunk_mb << 20,
-                          first_stage_layers=ns.decoder_first_pipeline_num_layers,
-                          last_stage_layers=ns.decoder_last_pipeline_num_layers,
-                          embedding_in_split=ns.account_for_embedding_in_pipeline_split,
-                          loss_in_split=ns.account_for_loss_in_pipeline_split,
-                          stage_layout=ns.pipeline_model_parallel_layout,
-                          max_chunk_bytes=None if ns.max_chunk_mb is None else ns.max_chunk_mb << 20)
-    if ns.dst == "legacy":  # the legacy GPT model has one file format and the local layer names
-        layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)
-    if ns.dst == "hf":
-        from .config.layout import HFLayout, parse_size
-
-        try:
-            layout = HFLayout(max_shard_bytes=parse_size(ns.max_shard_size), dtype=ns.dtype)
-        except ConversionError as e:
-            sys.stderr.write(f"dist_reshard: error: {e}\n")
-            return 2
-    opts = Options(load=ns.load, save=ns.save, layout=layout, src=ns.src, hf_config=ns.hf_config, vocab_size=ns.vocab_size, overwrite=ns.overwrite, dry_run=ns.dry_run, drop_mtp=ns.drop_mtp, layer_pattern=ns.layer_pattern, loopback=ns.loopback,
-                   device=ns.device, bucket_bytes=ns.bucket_mb * 1024 * 1024, report=ns.report,
-                   resume=ns.resume, timeout_s=ns.timeout, progress="off" if ns.quiet else ns.progress, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     try:
-        job = run(opts)
+        parse_size(ns.max_shard_size)  # a usage error, like argparse's own: exit 2 before any rank starts
+    except ConversionError as e:
+        sys.stderr.write(f"dist_reshard: error: {e}\n")
+        return 2
+    flags = vars(ns)
+    quiet = flags.pop("quiet")
+    if quiet:
+        flags["progress"] = "off"
+    try:
+        job = convert(**flags, command=["dist_reshard.launch", *(argv or sys.argv[1:])])
     except ConversionError as e:
         sys.stderr.write(f"dist_reshard: error: {e}\n")  # one write: ranks' lines never interleave
         sys.stderr.flush()
-        collectives.shutdown(e)
         return 1
-    if collectives.rank() == 0:
-        if ns.report:
-            with open(ns.report, "w") as f:
-                json.dump(job, f, indent=2, default=str)
-        if not ns.quiet:
-            print(_summary(job), flush=True)
-    collectives.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0 and not quiet:  # set by every launcher (launchers.py)
+        print(_summary(job), flush=True)
     return 0
 
 

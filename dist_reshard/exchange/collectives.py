@@ -21,13 +21,19 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
     """Join (or create) the default process group; returns the device exchange buffers live on.
 
     Rank and rendezvous come from torchrun, srun or mpirun (see launchers.py); a plain
-    `python -m dist_reshard.launch` runs as a world of one.
+    `python -m dist_reshard.launch` runs as a world of one. A group the caller has initialised already (a
+    framework calling the Python API) is used as it is: its backend says where the buffers live.
     """
     from .launchers import discover
 
-    discover()
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda:
+    if dist.is_initialized():
+        use_cuda = device == "cuda" or (device == "auto" and dist.get_backend() != "gloo")
+    else:
+        discover()
+        use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and dist.is_initialized():  # the caller's group: its ranks' devices are already chosen
+        dev = torch.device("cuda", torch.cuda.current_device())
+    elif use_cuda:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
@@ -36,6 +42,10 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return dev
+
+
+def initialized() -> bool:
+    return dist.is_initialized()
 
 
 def rank() -> int:
@@ -104,14 +114,16 @@ def exchange_flat(send_buf: torch.Tensor, send_splits: list[int], recv_splits: l
     return recv_buf
 
 
-def shutdown(error: BaseException | None = None) -> None:
+def shutdown(error: BaseException | None = None, destroy: bool = True) -> None:
     """Leave together: a rank tearing gloo down while a peer is still inside a collective aborts it. After
     an error this rank alone raised (inside a collective, where no agreement can follow) it leaves at once:
-    its peers then see the connection close (and torchrun stops them) rather than wait for --timeout."""
+    its peers then see the connection close (and torchrun stops them) rather than wait for --timeout.
+    `destroy=False` leaves a group the caller made (the Python API under a framework) initialised."""
     if error is not None and not getattr(error, "agreed", False):
         return
     if dist.is_initialized():
         try:
             dist.barrier()
         finally:
-            dist.destroy_process_group()
+            if destroy:
+                dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""What users run beside conversion: inspect, compare, verify, and the embedded demo."""

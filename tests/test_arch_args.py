@@ -15,9 +15,9 @@ from dist_reshard.config.hf_export import hf_fields
 from dist_reshard.config.layout import TargetLayout
 from dist_reshard.config.megatron_args import megatron_args
 from dist_reshard.source.megatron_source import _features, config_from_args, differing_facts
-from dist_reshard.testing.tiny_models import HYBRID_VARIANTS, VARIANTS
+from dist_reshard.testing.tiny_models import HYBRID_VARIANTS, OWN_SUITE_VARIANTS, VARIANTS
 
-FAMILIES = sorted(set(VARIANTS) - {"llama2", "llama3", "llama3.2", "moonlight"}) + ["nemotron_h", "mamba2"]
+FAMILIES = sorted(set(VARIANTS) - {"llama2", "llama3", "llama3.2", "moonlight"}) + ["nemotron_h", "mamba2", "nemotron"]
 
 
 @st.composite
@@ -25,7 +25,7 @@ def hf_configs(draw):
     import transformers
 
     variant = draw(st.sampled_from(FAMILIES))
-    config_cls, arch, extra = VARIANTS[variant] if variant in VARIANTS else HYBRID_VARIANTS[variant]
+    config_cls, arch, extra = {**VARIANTS, **HYBRID_VARIANTS, **OWN_SUITE_VARIANTS}[variant]
     groups = draw(st.sampled_from([1, 2, 4]))
     heads = groups * draw(st.sampled_from([1, 2]))
     head_dim = draw(st.sampled_from([8, 16]))
@@ -58,6 +58,8 @@ def hf_configs(draw):
                   rope_scaling=draw(st.sampled_from([None, dict(
                       rope_type="yarn", factor=4.0, mscale=1.0, mscale_all_dim=1.0, beta_fast=32.0, beta_slow=1.0,
                       original_max_position_embeddings=64)])))
+    if variant == "nemotron":
+        kw.update(norm_eps=kw.pop("rms_norm_eps"), partial_rotary_factor=draw(st.sampled_from([0.25, 0.5, 1.0])))
     if variant in ("nemotron_h", "mamba2"):
         kw.pop("num_key_value_heads") if variant == "mamba2" else None
         kw.update(layer_norm_epsilon=kw.pop("rms_norm_eps"))

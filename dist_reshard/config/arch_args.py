@@ -70,6 +70,18 @@ def _mamba_args(args) -> bool:
     return not _gpt_args(args)
 
 
+def _layernorm_1p(cfg) -> bool:  # Nemotron-4: LayerNorm with a bias and 1 + weight, a squared-ReLU MLP, no gate
+    return _gpt(cfg) and cfg.normalization == "LayerNorm"
+
+
+def _layernorm_1p_args(args) -> bool:
+    """Nemotron-4's three flags together (`--normalization LayerNorm --apply-layernorm-1p --squared-relu`); any
+    one alone is refused by the rows that hold the other families to RMSNorm and SwiGLU."""
+    return _gpt_args(args) and _get(args, ("normalization",), "LayerNorm") == "LayerNorm" and bool(
+        _get(args, ("layernorm_zero_centered_gamma", "apply_layernorm_1p"), False)) and bool(
+        _get(args, ("squared_relu",), False))
+
+
 def _always(_) -> bool:
     return True
 
@@ -180,6 +192,10 @@ def _sigmoid(cfg) -> bool:
 
 _GPT, _ROPE, _MOE, _MLA, _MAMBA = (_gpt, _gpt_args), (_rope, _rope_args), (_moe, _moe_args), (_mla, _mla_args), \
     (_mamba, _mamba_args)
+_LN1P = (_layernorm_1p, _layernorm_1p_args)
+_RMSNORM = (lambda c: not _layernorm_1p(c), lambda a: not _layernorm_1p_args(a))
+_SWIGLU = (lambda c: _gpt(c) and not _layernorm_1p(c), lambda a: _gpt_args(a) and not _layernorm_1p_args(a))
+_SQUARED_RELU = (lambda c: _mamba(c) or _layernorm_1p(c), lambda a: _mamba_args(a) or _layernorm_1p_args(a))
 
 ROWS: tuple[Arg, ...] = (
     Arg("num_layers", ("num_layers",)),
@@ -194,6 +210,12 @@ ROWS: tuple[Arg, ...] = (
     Arg("tie_word_embeddings", ("untie_embeddings_and_output_weights",), default=False,
         write=lambda c: not c.tie_word_embeddings, read=lambda v, a: not v),
     Arg("attention_bias", ("add_qkv_bias",), default=False, read=lambda v, a: bool(v)),
+    # The norms (RMSNorm, Nemotron-4's LayerNorm with 1 + weight) and the ungated squared-ReLU MLP (Nemotron-4 and
+    # Nemotron-H); the Fixed rows below hold every other family to RMSNorm and SwiGLU.
+    Arg("normalization", ("normalization",), default="LayerNorm"),
+    Arg("layernorm_zero_centered_gamma", ("layernorm_zero_centered_gamma", "apply_layernorm_1p"), default=False,
+        read=lambda v, a: bool(v)),
+    Arg("squared_relu", ("squared_relu",), default=False, read=lambda v, a: bool(v), on=_SQUARED_RELU),
     # HF's window of W tokens is the query and the W - 1 before it; Megatron's (left, right) counts those beside it.
     Arg("sliding_window", ("window_size",), write=lambda c: (c.sliding_window - 1, 0) if c.sliding_window else None,
         read=lambda v, a: _window_read(v)),
@@ -245,7 +267,6 @@ ROWS: tuple[Arg, ...] = (
     Arg("mamba_num_heads", ("mamba_num_heads",), read=lambda v, a: v or 2 * a.hidden_size // _get(
         a, ("mamba_head_dim",), 64), on=_MAMBA),
     Arg("mamba_conv_kernel", ("mamba_conv_kernel",), default=4, on=_MAMBA),
-    Arg("squared_relu", ("squared_relu",), default=False, read=lambda v, a: bool(v), on=_MAMBA),
 )
 
 
@@ -264,14 +285,16 @@ def _window_read(v):
 # Args that change what the model computes and that no supported HF family expresses, at the value the families
 # need. Megatron-LM's defaults are given for checkpoints that lack the arg (older releases, other tools).
 FIXED: tuple[Fixed, ...] = (
-    Fixed(("normalization",), "RMSNorm", "LayerNorm", "the HF families use RMSNorm"),
+    Fixed(("normalization",), "RMSNorm", "LayerNorm", "the HF families but Nemotron-4 use RMSNorm (Nemotron-4: "
+          "LayerNorm with --apply-layernorm-1p and --squared-relu)", on=_RMSNORM),
     Fixed(("layernorm_zero_centered_gamma", "apply_layernorm_1p"), False, False, "HF's RMSNorm scales by the weight "
-          "itself, not 1 + weight"),
+          "itself, not 1 + weight", on=_RMSNORM),
     Fixed(("apply_residual_connection_post_layernorm",), False, False, "HF's residual is taken before the norm"),
     Fixed(("add_bias_linear",), False, True, "the HF families have no biases on linear layers (only q/k/v biases, "
           "--add-qkv-bias)"),
-    Fixed(("swiglu",), True, False, "the HF families' MLP is SwiGLU", on=_GPT),
-    Fixed(("squared_relu",), False, False, "the HF GPT families' MLP is SwiGLU", on=_GPT),
+    Fixed(("swiglu",), True, False, "the HF families' MLP is SwiGLU", on=_SWIGLU),
+    Fixed(("squared_relu",), False, False, "the HF GPT families' MLP is SwiGLU", on=_SWIGLU),
+    Fixed(("swiglu",), False, False, "Nemotron-4's MLP is squared ReLU without a gate", on=_LN1P),
     Fixed(("position_embedding_type",), "rope", "learned_absolute", "the HF GPT families use rotary embeddings",
           on=_GPT),
     Fixed(("position_embedding_type",), "none", "learned_absolute", "Nemotron-H / Mamba-2 have no position "

@@ -38,6 +38,9 @@ class ModelConfig:
     sliding_window: int | None
     raw: dict
     rotary_percent: float = 1.0  # the share of each head's channels rotated (HF `partial_rotary_factor`)
+    # The norms: RMSNorm, or LayerNorm with a bias (Nemotron-4); zero-centred gamma: it scales by 1 + weight.
+    normalization: str = "RMSNorm"
+    layernorm_zero_centered_gamma: bool = False
     # Mixture of experts (num_experts 0: dense). moe_layers[i] says whether layer i routes to experts.
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
@@ -71,7 +74,7 @@ class ModelConfig:
     mamba_num_heads: int = 0
     mamba_num_groups: int = 0
     mamba_conv_kernel: int = 0
-    squared_relu: bool = False  # the MLP is up -> relu(x)^2 -> down (Nemotron-H), not SwiGLU
+    squared_relu: bool = False  # the MLP is up -> relu(x)^2 -> down (Nemotron-H, Nemotron-4), not SwiGLU
     # A GPT model laid out as a MambaModel (attention and MLP in separate layers): the HF layer each Megatron
     # layer comes from; empty when Megatron and HF number layers alike.
     hf_layers: tuple[int, ...] = ()
@@ -211,6 +214,9 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
     moe = {} if hybrid and "E" not in hybrid["layer_kinds"] else _moe_fields(cfg, path, num_layers)
     mla = _mla_fields(cfg, path)
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
+    nemotron = _nemotron_fields(cfg, path)
+    norm_epsilon = nemotron.pop("norm_epsilon") if nemotron else _float(cfg, "rms_norm_eps", path, 1e-6)
+    rotary_default = nemotron.pop("rotary_percent") if nemotron else 1.0
     return ModelConfig(
         architecture=archs[0],
         model_type=str(cfg.get("model_type", "")),
@@ -222,7 +228,7 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         kv_channels=_int(cfg, "head_dim", path, default=hidden // heads),
         vocab_size=_int(cfg, "vocab_size", path),
         max_position_embeddings=_int(cfg, "max_position_embeddings", path, default=4096),
-        norm_epsilon=_float(cfg, "rms_norm_eps", path, 1e-6),
+        norm_epsilon=norm_epsilon,
         rope_theta=rope_theta,
         rope_scaling=dict(scaling) if scaling else None,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -231,11 +237,22 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         sliding_window=window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None,
         raw=raw if hybrid else cfg,
         rotary_percent=_float(cfg, "partial_rotary_factor", path, _float(rope_params, "partial_rotary_factor", path,
-                                                                         1.0)),
+                                                                         rotary_default)),
+        **nemotron,
         **moe,
         **mla,
         **hybrid,
     )
+
+
+def _nemotron_fields(cfg: dict, path: str) -> dict:
+    """Nemotron-4 / Minitron: `NemotronLayerNorm1P` (LayerNorm with a bias, scaling by 1 + weight) under `norm_eps`,
+    an MLP up -> `hidden_act` -> down (relu2: squared ReLU), and transformers' default partial rotary of 0.5."""
+    if cfg.get("model_type") != "nemotron":
+        return {}
+    return dict(normalization="LayerNorm", layernorm_zero_centered_gamma=True,
+                squared_relu=cfg.get("hidden_act", "relu2") == "relu2", norm_epsilon=_float(cfg, "norm_eps", path, 1e-5),
+                rotary_percent=0.5)
 
 
 def _attention_bias(cfg: dict) -> bool:
@@ -329,7 +346,7 @@ MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qw
                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
-               "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2"}
+               "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2", "NemotronForCausalLM": "nemotron"}
 
 HYBRID_MODEL_TYPES = ("nemotron_h", "mamba2")
 _NEMOTRON_H_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",

@@ -60,6 +60,10 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
         out["rope_scaling"] = dict(cfg.rope_scaling)
     if cfg.rotary_percent != 1.0:
         out["partial_rotary_factor"] = cfg.rotary_percent
+    if model_type == "nemotron":  # NemotronConfig's names; its partial rotary defaults to 0.5, so it is always stated
+        del out["rms_norm_eps"]
+        out.update(norm_eps=cfg.norm_epsilon, hidden_act="relu2",
+                   partial_rotary_factor=cfg.rotary_percent, mlp_bias=False)
     if cfg.mla:
         out.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
                    qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,

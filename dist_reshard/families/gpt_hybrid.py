@@ -31,6 +31,10 @@ def gpt_as_hybrid(family: Family) -> Family:
         # mamba_stack_spec's attention layers are linear_qkv, core attention and linear_proj only.
         raise ConversionError(f"--layer-pattern: {family.name} has q/k layernorms, which the attention layers of "
                               f"Megatron-Core's MambaModel (mamba_stack_spec) do not have")
+    if any(r.megatron.endswith("layernorm.bias") or r.megatron.endswith("layer_norm_bias") for r in family.rules):
+        # Nemotron-4's LayerNorms (bias, 1 + weight) in a MambaModel are untested here: not guessed.
+        raise ConversionError(f"--layer-pattern: {family.name} has LayerNorms with a bias; only RMSNorm GPT models "
+                              f"are laid out as a MambaModel")
     return Family(family.name, family.architectures, tuple(_relabel(r) for r in family.rules))
 
 

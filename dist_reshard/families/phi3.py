@@ -6,7 +6,7 @@
   `linear_fc1`'s [gate shard; up shard] layout. The way back writes both fused tensors as the file held them.
 - LongRoPE (`rope_scaling` of type longrope, or its older names su / yarn in Phi-3 configs: short and long
   factor lists per channel, switched by sequence length) has no Megatron-Core counterpart; nor has Phi-3's
-  partial rotary here (Megatron reads `rotary_percent` back only as GLM-4.5). Both are refused by name.
+  partial rotary here (Megatron reads `rotary_percent` back only as GLM-4.5 or Nemotron-4). Both are refused by name.
 """
 
 from ..base.errors import ConversionError
@@ -42,7 +42,8 @@ class Phi3(Family):
                                   f"factors): Megatron-Core's rotary embedding has no LongRoPE; not supported")
         if cfg.rotary_percent != 1.0:
             raise ConversionError(f"config.json: partial_rotary_factor = {cfg.rotary_percent!r}: not supported for "
-                                  f"Phi-3 (Megatron-Core's rotary_percent is read back only as GLM-4.5)")
+                                  f"Phi-3 (Megatron-Core's rotary_percent is read back only as GLM-4.5 or "
+                                  f"Nemotron-4)")
 
 
 PHI3 = Phi3("phi3", ("Phi3ForCausalLM",), EMBEDDING + ATTENTION + MLP + FINAL)

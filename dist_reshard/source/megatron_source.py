@@ -154,13 +154,14 @@ def _gpt_oss_config(args, facts, stored, where, vocab_size) -> ModelConfig:
 
 def _features(arch: str) -> tuple:
     """What an architecture's modules hold beyond a dense Llama: (q/k norms, experts, shared expert gate,
-    multi-latent attention, mamba mixers)."""
+    multi-latent attention, mamba mixers, LayerNorms with a bias and an ungated MLP)."""
     return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
                      "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
             arch == "Qwen2MoeForCausalLM",
             arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
-            arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"))
+            arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"),
+            arch == "NemotronForCausalLM")
 
 
 def _glm_stated(args: Namespace, qk_norm: bool) -> bool:
@@ -174,10 +175,16 @@ def _glm_stated(args: Namespace, qk_norm: bool) -> bool:
 def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
     """The HF family whose modules are the ones the args build: MLA -> DeepSeek-V3 (V2: a softmax router); experts -> Qwen3-MoE (q/k
     norms), Qwen2-MoE (gated shared expert) or Mixtral (every layer MoE, top-k renormalised); hybrid ->
-    Nemotron-H or Mamba-2; dense -> Qwen3 (q/k norms), Qwen2 (q/k/v bias), Mistral (a window), else Llama.
+    Nemotron-H or Mamba-2; dense -> Nemotron-4 (LayerNorm), Qwen3 (q/k norms), Qwen2 (q/k/v bias), Mistral (a
+    window), else Llama.
     A combination no family has is refused naming the arg. This project's own `hf_architecture` arg picks
     among families with the same modules (Llama or Mistral)."""
     qk_norm = bool(getattr(args, "qk_layernorm", False))
+    beyond = next((n for n in ("layer_kinds", "kv_lora_rank", "num_experts") if facts.get(n)), None)
+    if facts.get("normalization", "RMSNorm") != "RMSNorm" and beyond:
+        raise ConversionError(f"{where}: args.normalization = {facts['normalization']!r} with {beyond} "
+                              f"{facts[beyond]!r}: of the HF families only Nemotron-4 uses LayerNorm, and it has "
+                              f"no experts, latent attention or mamba layers")
     if facts.get("layer_kinds"):
         kinds = set(facts["layer_kinds"])
         if "E" in kinds:
@@ -215,12 +222,16 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
                                   f"Mixtral always renormalises, and Qwen2/3-MoE need a shared expert or q/k norms")
         else:
             derived = "MixtralForCausalLM"
+    elif facts.get("normalization") == "LayerNorm":  # Nemotron-4's flags (arch_args refuses LayerNorm otherwise)
+        if qk_norm:
+            raise ConversionError(f"{where}: args.qk_layernorm = True with LayerNorm: Nemotron-4 has no q/k norms")
+        derived = "NemotronForCausalLM"
     else:
         derived = ("Qwen3ForCausalLM" if qk_norm else "Qwen2ForCausalLM" if facts.get("attention_bias") else
                    "MistralForCausalLM" if facts.get("sliding_window") else "LlamaForCausalLM")
-    if facts.get("rotary_percent", 1.0) != 1.0:
+    if facts.get("rotary_percent", 1.0) != 1.0 and derived != "NemotronForCausalLM":
         raise ConversionError(f"{where}: args.rotary_percent = {facts['rotary_percent']!r}: of the HF families only "
-                              f"GLM-4.5 rotates part of each head, and {derived} rotates all of it")
+                              f"GLM-4.5 and Nemotron-4 rotate part of each head, and {derived} rotates all of it")
     stored = getattr(args, "hf_architecture", None)
     if isinstance(stored, str) and stored not in MODEL_TYPES:
         family_for(stored, f"{where} (args.hf_architecture)")  # refuses an unknown one by name

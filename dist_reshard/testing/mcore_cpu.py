@@ -114,6 +114,31 @@ class CPUCoreAttention(torch.nn.Module):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class CPULayerNorm1P(torch.nn.LayerNorm):
+    """LayerNorm with a bias scaling by 1 + weight (`layernorm_zero_centered_gamma`, Megatron-LM's
+    --apply-layernorm-1p), as TE's norms and FusedLayerNorm apply it: without TE or apex the local spec's
+    WrappedTorchNorm refuses the flag (FORMATS.md section 8). Parameters `weight` and `bias`, as theirs."""
+
+    def __init__(self, config, hidden_size, eps=1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+def _zero_centred_norms(layer_spec, config, vp_stage):
+    """The local layer spec as a block spec whose input, pre-MLP and final norms are CPULayerNorm1P."""
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        layer_spec.submodules, input_layernorm=CPULayerNorm1P, pre_mlp_layernorm=CPULayerNorm1P))
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=ps.get_pipeline_model_parallel_rank())
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=CPULayerNorm1P)
+
+
 def _transformer_config(args: Namespace):
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -128,10 +153,13 @@ def _transformer_config(args: Namespace):
 
 
 def _activation(args: Namespace) -> dict:
-    """Megatron-LM's activation flags as TransformerConfig fields (swiglu, quick-GEGLU with its offset and
-    clamp, else GELU)."""
+    """Megatron-LM's activation flags as TransformerConfig fields (squared ReLU without a gate, swiglu,
+    quick-GEGLU with its offset and clamp, else GELU)."""
+    from megatron.core.activations import squared_relu
     from megatron.core.fusions.fused_bias_geglu import quick_gelu
 
+    if getattr(args, "squared_relu", False):
+        return dict(gated_linear_unit=False, activation_func=squared_relu)
     if getattr(args, "quick_geglu", False):
         return dict(gated_linear_unit=True, activation_func=quick_gelu, bias_activation_fusion=False,
                     glu_linear_offset=args.glu_linear_offset,
@@ -163,6 +191,7 @@ def _common_config(args: Namespace) -> dict:
         window_size=tuple(args.window_size) if getattr(args, "window_size", None) else None,
         window_attn_skip_freq=getattr(args, "window_attn_skip_freq", None),
         normalization=args.normalization,
+        layernorm_zero_centered_gamma=bool(getattr(args, "apply_layernorm_1p", False)),
         layernorm_epsilon=args.norm_epsilon,
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
@@ -236,6 +265,8 @@ def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
                     layer_spec.submodules.self_attention.submodules.core_attention = CPUCoreAttention
         else:
             spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
+            if config.layernorm_zero_centered_gamma:
+                spec = _zero_centred_norms(spec, config, vp_stage)
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,

@@ -47,6 +47,8 @@ VARIANTS = {
     "moonlight": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(_DEEPSEEK, q_lora_rank=None)),
 }
 
+OMIT = object()  # a BASE field a variant's config class does not have
+
 # Families with suites of their own, kept apart from VARIANTS (whose suites run every variant).
 # GPT-OSS: 4 experts, top 2, a sliding window of 4 tokens on alternate layers (the logits checks run 12), and a
 # GLU clamp low enough to bite at this scale. GLM-4.5: layer 0 dense, then 8 routed experts behind the sigmoid
@@ -58,6 +60,11 @@ OWN_SUITE_VARIANTS = {
     # Phi-3: q, k, v and gate, up fused in HF; 8 heads in 4 groups so TP2 splits the fused rows by groups.
     "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(rope_theta=10000.0, tie_word_embeddings=False,
                                                    pad_token_id=0, eos_token_id=2)),
+    # Nemotron-4 / Minitron: LayerNorms with a bias (1 + weight), squared-ReLU MLP without a gate, rotary on half
+    # of each 16-channel head; NemotronConfig names the epsilon norm_eps (BASE's rms_norm_eps is left out).
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(
+        head_dim=16, norm_eps=1e-5, rms_norm_eps=OMIT, partial_rotary_factor=0.5, rope_theta=10000.0,
+        tie_word_embeddings=False)),
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(
         head_dim=16, intermediate_size=96, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
         num_experts_per_tok=2, first_k_dense_replace=1, routed_scaling_factor=2.5, attention_bias=True,
@@ -96,7 +103,7 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
     import transformers
 
     config_cls, model_cls, extra = {**VARIANTS, **HYBRID_VARIANTS, **OWN_SUITE_VARIANTS}[variant]
-    kw = dict(BASE, **extra)
+    kw = {k: v for k, v in dict(BASE, **extra).items() if v is not OMIT}
     kw.update(overrides)
     config = getattr(transformers, config_cls)(**kw)
     torch.manual_seed(seed)

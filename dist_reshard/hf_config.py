@@ -38,6 +38,7 @@ class ModelConfig:
     sliding_window: int | None
     raw: dict
     rotary_percent: float = 1.0  # the share of each head's channels rotated (HF `partial_rotary_factor`)
+    rotary_interleaved: bool = False  # rotary pairs are adjacent channels (Ernie-4.5), not the head's two halves
     # Mixture of experts (num_experts 0: dense). moe_layers[i] says whether layer i routes to experts.
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
@@ -234,6 +235,7 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         raw=raw if hybrid else cfg,
         rotary_percent=_float(cfg, "partial_rotary_factor", path, _float(rope_params, "partial_rotary_factor", path,
                                                                          1.0)),
+        rotary_interleaved=cfg.get("model_type") == "ernie4_5_moe",
         **moe,
         **mla,
         **hybrid,
@@ -275,6 +277,8 @@ def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
     """
     if cfg.get("n_routed_experts") is not None:
         return _deepseek_moe_fields(cfg, path, num_layers)
+    if cfg.get("model_type") == "ernie4_5_moe":
+        return _ernie_moe_fields(cfg, path, num_layers)
     key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
     experts = _int(cfg, key, path, default=0, minimum=0)
     if not experts:
@@ -322,6 +326,30 @@ def _deepseek_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
         router_groups=_int(cfg, "n_group", path, default=1) if grouped else 0,
         router_group_topk=_int(cfg, "topk_group", path, default=1) if grouped else 0,
         routed_scaling_factor=_float(cfg, "routed_scaling_factor", path, 1.0),
+    )
+
+
+def _ernie_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    """Ernie-4.5: `moe_num_experts` experts of `moe_intermediate_size`, `moe_num_shared_experts` experts' worth of
+    shared expert, top `moe_k` of a softmax, always renormalised; layer i is MoE iff `moe_layer_start_index` <=
+    i <= `moe_layer_end_index` (-1: the last layer) and (i + 1) % `moe_layer_interval` == 0. Ernie-4.5-VL writes
+    lists (text and vision experts) into these fields."""
+    for key in ("moe_num_experts", "moe_intermediate_size", "moe_layer_start_index", "moe_layer_end_index"):
+        if isinstance(cfg.get(key), list):
+            raise ConversionError(f"{path}: field {key!r} = {cfg[key]!r} is a list (Ernie-4.5-VL's text and vision "
+                                  f"experts); only the text model (one integer) is supported")
+    ffn = _int(cfg, "moe_intermediate_size", path)
+    start = _int(cfg, "moe_layer_start_index", path, default=1, minimum=0)
+    end = cfg.get("moe_layer_end_index", -1)
+    end = num_layers - 1 if end == -1 else _int(cfg, "moe_layer_end_index", path, minimum=0)
+    interval = _int(cfg, "moe_layer_interval", path, default=1)
+    return dict(
+        num_experts=_int(cfg, "moe_num_experts", path),
+        moe_ffn_hidden_size=ffn,
+        moe_topk=_int(cfg, "moe_k", path),
+        shared_expert_ffn_hidden_size=_int(cfg, "moe_num_shared_experts", path, default=0, minimum=0) * ffn,
+        norm_topk_prob=True,
+        moe_layers=tuple(start <= i <= end and (i + 1) % interval == 0 for i in range(num_layers)),
     )
 
 

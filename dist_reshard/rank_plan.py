@@ -186,6 +186,7 @@ class Plan:
     items: list[ReadItem]
     fanouts: list[Fanout]
     buckets: list[Bucket]
+    zeros_left_out: int = 0  # source tensors checked all zero and left out (`zero_tensors`)
     _by_rank: dict | None = field(default=None, repr=False)
 
     @property
@@ -297,6 +298,9 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
                                       f"(needed for {rule.megatron.format(i=i, e=e)}{why})")
             used.update(rule.hf_names(i, e, cfg))
         rules.append(rule)
+    from .zero_tensors import names as zero_names
+
+    used.update(zero_names(family, cfg))  # checked all zero by `_make_plan`
     unknown = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings:  # some tied checkpoints still store a copy of the head
         tied = {n for r in family.rules if r.tied_to for n in r.hf}
@@ -707,10 +711,11 @@ def kept_dtypes(family: Family, cfg: ModelConfig) -> set[str]:
 
 
 def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
-                     kept: set[str] = frozenset(), fused: tuple = ()) -> tuple[list, list[str]]:
+                     kept: set[str] = frozenset(), fused: tuple = (), zeros=frozenset()) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
     than that gets a file of its own), as save_pretrained does. Per-expert tensors of a family's fused
-    expert tensors (`fused`, see fused_experts.py) are written as the fused tensors."""
+    expert tensors (`fused`, see fused_experts.py) are written as the fused tensors; `zeros` (no Megatron
+    counterpart, see zero_tensors.py) as zeros."""
     stacks = {f.name: f for f in fused_targets(logical, fused, cfg)} if fused else {}
     stacked = {n for f in stacks.values() for n in f.experts}
     names = sorted([n for n in logical if n not in stacked] + list(stacks), key=_hf_order)
@@ -725,8 +730,8 @@ def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
             shape, layout_kw = f.shape, dict(stored_layout=f.stored_layout)
         else:
             t = logical[n]
-            pieces, shape, layout_kw = (Piece(n, (0, t.rows), None, 0),), t.shape, {}
-        dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept else t.dtype
+            pieces, shape, layout_kw = (Piece(None if n in zeros else n, (0, t.rows), None, 0),), t.shape, {}
+        dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept and n not in zeros else t.dtype
         target = Target(-1, -1, None, n, shape, dtype, pieces, **layout_kw)
         if files[-1] and size + target.nbytes > layout.max_shard_bytes:
             files.append([])
@@ -766,9 +771,13 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
     family.check(cfg)
     if layout.ckpt_format != "hf":
         family.check_layout(layout, cfg)
+    from . import zero_tensors
+
+    zeros_left_out = zero_tensors.check(index, family, cfg) if source is None else 0
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused)
+        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused,
+                                           set(zero_tensors.names(family, cfg)))
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         max_chunk = layout.max_chunk_bytes or max(
@@ -816,4 +825,4 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
     items, fanouts = _plan_reads(targets, units, index, world, max_item_bytes, max_sent_bytes)
     buckets = _plan_buckets(items, fanouts, world, bucket_bytes)
     source_bytes = sum(i.nbytes for i in items)
-    return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, fanouts, buckets)
+    return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, fanouts, buckets, zeros_left_out)

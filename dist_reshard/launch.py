@@ -159,6 +159,9 @@ def _summary(job: dict) -> str:
                      + ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items()))
     if job.get("dropped_mtp_tensors"):
         lines.append(f"  dropped on request (--drop-mtp): {job['dropped_mtp_tensors']} multi-token-prediction tensors")
+    if job.get("zero_tensors_left_out"):
+        lines.append(f"  left out, checked all zero (Megatron-Core has no place for them): "
+                     f"{job['zero_tensors_left_out']} tensors (e.g. Ernie-4.5's expert selection biases)")
     for name, (count, nbytes) in sorted(job.get("skipped_non_model_state", {}).items()):
         lines.append(f"  skipped (not model state): {name}: {count} entries, {nbytes / mib:.2f} MiB")
     if job.get("read_amplification") is not None:

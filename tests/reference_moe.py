@@ -16,6 +16,7 @@ EXPERTS = {
     "Glm4MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "Glm4MoeLiteForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
     "DeepseekV2ForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
+    "Ernie4_5_MoeForCausalLM": ("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj"),
 }
 MLA_ARCHS = ("DeepseekV3ForCausalLM", "Glm4MoeLiteForCausalLM", "DeepseekV2ForCausalLM")
 
@@ -29,6 +30,9 @@ def is_moe(config, i: int) -> bool:
         return True
     if config.architectures[0] in MLA_ARCHS + ("Glm4MoeForCausalLM",):
         return i >= config.first_k_dense_replace
+    if config.architectures[0] == "Ernie4_5_MoeForCausalLM":
+        return (config.moe_layer_start_index <= i <= config.moe_layer_end_index
+                and (i + 1) % config.moe_layer_interval == 0)
     step = getattr(config, "decoder_sparse_step", 1) or 1
     return i not in (getattr(config, "mlp_only_layers", None) or []) and (i + 1) % step == 0
 
@@ -132,7 +136,10 @@ def legacy_files(hf, config, tp: int, pp: int, ep: int, etp: int | None, impl: s
                     sd["embedding.word_embeddings.weight"] = _vocab(hf["model.embed_tokens.weight"], vocab).chunk(tp)[r]
                 if p == pp - 1:
                     sd["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-                    sd["output_layer.weight"] = _vocab(hf["lm_head.weight"], vocab).chunk(tp)[r]
+                    # Tied: no head of its own, but with PP > 1 the last stage keeps a copy of the embedding.
+                    if not config.tie_word_embeddings or pp > 1:
+                        head = hf["model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"]
+                        sd["output_layer.weight"] = _vocab(head, vocab).chunk(tp)[r]
                 files[(r, p, k)] = {"model": sd}
     return files
 
@@ -143,8 +150,9 @@ def torch_dist_tensors(hf, config, tp: int, impl: str = "transformer_engine") ->
     L = config.num_hidden_layers
     vocab = padded_vocab(config.vocab_size, 128, tp)
     out = {"embedding.word_embeddings.weight": _vocab(hf["model.embed_tokens.weight"], vocab),
-           "decoder.final_layernorm.weight": hf["model.norm.weight"],
-           "output_layer.weight": _vocab(hf["lm_head.weight"], vocab)}
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if not config.tie_word_embeddings:
+        out["output_layer.weight"] = _vocab(hf["lm_head.weight"], vocab)
     layers = [layer(hf, config, i) for i in range(L)]
 
     mla = config.architectures[0] in MLA_ARCHS

@@ -222,6 +222,7 @@ ROWS: tuple[Arg, ...] = (
     # Rotary embedding of ordinary attention (MLA's follows below; Nemotron-H has none).
     Arg("rope_theta", ("rotary_base",), default=10000, read=lambda v, a: float(v), on=_ROPE),
     Arg("rotary_percent", ("rotary_percent",), default=1.0, read=lambda v, a: float(v), on=_ROPE),
+    Arg("rotary_interleaved", ("rotary_interleaved",), default=False, read=lambda v, a: bool(v), on=_ROPE),
     Arg("rope_scaling", ("use_rope_scaling",), default=False, write=_llama3_write, read=_llama3_read,
         on=(_gpt, _rope_args)),
     Arg(None, ("rope_scaling_factor",), write=lambda c: float(c.rope_scaling["factor"]) if _llama3_write(c) else 8.0,
@@ -305,8 +306,8 @@ FIXED: tuple[Fixed, ...] = (
     Fixed(("glu_linear_offset",), 0.0, 0.0, "HF's SwiGLU adds no offset to the linear half", accept=(0,)),
     Fixed(("activation_func_clamp_value",), None, None, "HF's activation is not clamped"),
     Fixed(("rotary_percent",), 1.0, 1.0, "DeepSeek-V3 rotates the whole rope head dimension", accept=(1,), on=_MLA),
-    Fixed(("rotary_interleaved",), False, False, "the HF families rotate the two halves of the head, not "
-          "interleaved pairs", on=_GPT),
+    Fixed(("rotary_interleaved",), False, False, "Megatron-Core's multi-latent attention rotates de-interleaved "
+          "channels", on=_MLA),
     Fixed(("rotary_seq_len_interpolation_factor",), None, None, "HF has no position interpolation factor", on=_GPT),
     Fixed(("no_rope_freq",), None, None, "the HF families rotate in every layer"),
     Fixed(("window_attn_skip_freq",), None, None, "the HF families use one attention window for every layer"),

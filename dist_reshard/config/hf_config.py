@@ -41,6 +41,7 @@ class ModelConfig:
     # The norms: RMSNorm, or LayerNorm with a bias (Nemotron-4); zero-centred gamma: it scales by 1 + weight.
     normalization: str = "RMSNorm"
     layernorm_zero_centered_gamma: bool = False
+    rotary_interleaved: bool = False  # rotary pairs are adjacent channels (Ernie-4.5), not the head's two halves
     # Mixture of experts (num_experts 0: dense). moe_layers[i] says whether layer i routes to experts.
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
@@ -239,6 +240,7 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         rotary_percent=_float(cfg, "partial_rotary_factor", path, _float(rope_params, "partial_rotary_factor", path,
                                                                          rotary_default)),
         **nemotron,
+        rotary_interleaved=cfg.get("model_type") == "ernie4_5_moe",
         **moe,
         **mla,
         **hybrid,
@@ -290,6 +292,8 @@ def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
     """
     if cfg.get("n_routed_experts") is not None:
         return _deepseek_moe_fields(cfg, path, num_layers)
+    if cfg.get("model_type") == "ernie4_5_moe":
+        return _ernie_moe_fields(cfg, path, num_layers)
     key = "num_local_experts" if cfg.get("num_local_experts") is not None else "num_experts"
     experts = _int(cfg, key, path, default=0, minimum=0)
     if not experts:
@@ -340,12 +344,37 @@ def _deepseek_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
     )
 
 
+def _ernie_moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    """Ernie-4.5: `moe_num_experts` experts of `moe_intermediate_size`, `moe_num_shared_experts` experts' worth of
+    shared expert, top `moe_k` of a softmax, always renormalised; layer i is MoE iff `moe_layer_start_index` <=
+    i <= `moe_layer_end_index` (-1: the last layer) and (i + 1) % `moe_layer_interval` == 0. Ernie-4.5-VL writes
+    lists (text and vision experts) into these fields."""
+    for key in ("moe_num_experts", "moe_intermediate_size", "moe_layer_start_index", "moe_layer_end_index"):
+        if isinstance(cfg.get(key), list):
+            raise ConversionError(f"{path}: field {key!r} = {cfg[key]!r} is a list (Ernie-4.5-VL's text and vision "
+                                  f"experts); only the text model (one integer) is supported")
+    ffn = _int(cfg, "moe_intermediate_size", path)
+    start = _int(cfg, "moe_layer_start_index", path, default=1, minimum=0)
+    end = cfg.get("moe_layer_end_index", -1)
+    end = num_layers - 1 if end == -1 else _int(cfg, "moe_layer_end_index", path, minimum=0)
+    interval = _int(cfg, "moe_layer_interval", path, default=1)
+    return dict(
+        num_experts=_int(cfg, "moe_num_experts", path),
+        moe_ffn_hidden_size=ffn,
+        moe_topk=_int(cfg, "moe_k", path),
+        shared_expert_ffn_hidden_size=_int(cfg, "moe_num_shared_experts", path, default=0, minimum=0) * ffn,
+        norm_topk_prob=True,
+        moe_layers=tuple(start <= i <= end and (i + 1) % interval == 0 for i in range(num_layers)),
+    )
+
+
 # Hybrid families: Nemotron-H (Mamba-2, attention and MLP layers by a pattern) and Mamba-2 (mamba only).
 # The HF architecture each family is written as, and its model_type.
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+               "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
                "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2", "NemotronForCausalLM": "nemotron"}
 
 HYBRID_MODEL_TYPES = ("nemotron_h", "mamba2")

@@ -74,6 +74,8 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
     out["num_experts_per_tok"] = cfg.moe_topk
     if model_type == "mixtral":
         out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.moe_ffn_hidden_size)
+    elif model_type == "ernie4_5_moe":
+        _ernie_fields(cfg, out)
     elif cfg.mla or cfg.router_score == "sigmoid":  # DeepSeek-V3's and GLM-4.5's fields
         first_dense = next((i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)), cfg.num_layers)
         if any(not cfg.is_moe_layer(i) for i in range(first_dense, cfg.num_layers)):
@@ -98,6 +100,24 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
         if cfg.shared_expert_ffn_hidden_size:
             out["shared_expert_intermediate_size"] = cfg.shared_expert_ffn_hidden_size
     return out
+
+
+def _ernie_fields(cfg: ModelConfig, out: dict) -> None:
+    """Ernie-4.5's own names: experts `moe_*`, biases `use_bias`, its MoE layers as start, end and interval."""
+    moe = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    start, end = (moe[0], moe[-1]) if moe else (cfg.num_layers, cfg.num_layers - 1)
+    interval = next((k for k in range(1, cfg.num_layers + 1) if all(
+        cfg.is_moe_layer(i) == (start <= i <= end and (i + 1) % k == 0) for i in range(cfg.num_layers))), None)
+    if interval is None:
+        raise ConversionError(f"moe layers {[int(cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]}: Ernie-4.5's "
+                              f"config states MoE layers only as a start, an end and an interval")
+    if cfg.shared_expert_ffn_hidden_size % cfg.moe_ffn_hidden_size:
+        raise ConversionError(f"moe_shared_expert_intermediate_size {cfg.shared_expert_ffn_hidden_size} is not a whole "
+                              f"number of experts of {cfg.moe_ffn_hidden_size}: Ernie-4.5 counts moe_num_shared_experts")
+    del out["num_experts_per_tok"], out["attention_bias"]
+    out.update(moe_num_experts=cfg.num_experts, moe_k=cfg.moe_topk, moe_intermediate_size=cfg.moe_ffn_hidden_size,
+               moe_num_shared_experts=cfg.shared_expert_ffn_hidden_size // cfg.moe_ffn_hidden_size,
+               moe_layer_start_index=start, moe_layer_end_index=end, moe_layer_interval=interval, use_bias=False)
 
 
 def hf_config(cfg: ModelConfig, dtype: str | None, reference: str | None) -> dict:

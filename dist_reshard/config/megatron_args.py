@@ -147,15 +147,17 @@ def _moe_extra_args(cfg: ModelConfig, layout: TargetLayout) -> dict:
     (`moe_router_pre_softmax=False`). Without renormalisation it is softmax-then-top-k (`True`).
     `moe_layer_freq` is an explicit per-layer list when dense and MoE layers mix: Megatron's integer form
     counts phase from layer 0, the opposite of HF's `decoder_sparse_step`. A Qwen2-MoE shared expert is
-    gated; DeepSeek-V2's and V3's routing runs in float32 as in HF.
+    gated (Ernie-4.5's, the one other softmax family with a shared expert and no MLA, is not); DeepSeek-V2's
+    and V3's and Ernie-4.5's routing runs in float32 as in HF.
     """
     if not cfg.num_experts:
         return {}
+    ernie = cfg.architecture == "Ernie4_5_MoeForCausalLM"
     return dict(
         moe_shared_expert_gate=bool(cfg.shared_expert_ffn_hidden_size) and cfg.router_score != "sigmoid"
-        and not cfg.mla,
+        and not cfg.mla and not ernie,
         moe_grouped_gemm=layout.moe_grouped_gemm,
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=float(cfg.raw.get("router_aux_loss_coef", 0.0) or 0.0),
         moe_token_dispatcher_type="alltoall",
-    ) | ({"moe_router_dtype": "fp32"} if cfg.router_score == "sigmoid" or cfg.mla else {})
+    ) | ({"moe_router_dtype": "fp32"} if cfg.router_score == "sigmoid" or cfg.mla or ernie else {})

@@ -173,11 +173,25 @@ def instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None
 
 
 @dataclass(frozen=True)
+class ZeroTensor:
+    """An HF tensor Megatron-Core has no counterpart for, and that changes nothing while every element is zero
+    (Ernie-4.5's expert selection bias beside Megatron's softmax router): a source converts only when it is all
+    zeros (`zero_tensors.check` reads it and refuses anything else, naming `why`); the way back writes zeros."""
+
+    hf: str  # HF name; `{i}` is the layer
+    where: str  # which layers hold it (a `ModelConfig.layer_kind`)
+    shape: Callable[[ModelConfig], tuple[int, ...]]
+    dtype: str  # the safetensors dtype HF keeps it in, whatever the model's
+    why: str  # why Megatron-Core cannot hold another value
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     architectures: tuple[str, ...]
     rules: tuple[Rule, ...]
     fused: tuple = ()  # fused_experts.FusedExperts: HF tensors holding every expert of a layer
+    zeros: tuple[ZeroTensor, ...] = ()
 
     def check(self, cfg: ModelConfig) -> None:
         """Family-specific refusals (features the table does not express)."""

@@ -184,6 +184,7 @@ class Plan:
     items: list[ReadItem]
     fanouts: list[Fanout]
     buckets: list[Bucket]
+    zeros_left_out: int = 0  # source tensors found all zero and left out (`source/zero_tensors.py`)
     _by_rank: dict | None = field(default=None, repr=False)
 
     @property

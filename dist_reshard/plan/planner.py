@@ -12,6 +12,7 @@ from ..config.hf_config import ModelConfig
 from ..config.layout import AUTO_MIN_CHUNK_BYTES
 from ..families.mapping import Family
 from ..formats.safetensors_index import SourceTensor
+from ..source import zero_tensors
 from .data import DEFAULT_BUCKET_BYTES, DEFAULT_MAX_ITEM_BYTES, Plan, Target, WriteUnit
 from .targets import build_hf_targets, build_targets, kept_dtypes, translate_pieces
 from .reads import plan_reads
@@ -76,9 +77,12 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
     family.check(cfg)
     if layout.ckpt_format != "hf":
         family.check_layout(layout, cfg)
+    zeros = set(zero_tensors.names(family, cfg))
+    # An HF source's zero tensors were checked when it was opened; a Megatron source stores none.
+    zeros_left_out = len(zeros & index.keys()) if source is None else 0
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused)
+        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused, zeros)
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         max_chunk = layout.max_chunk_bytes or max(
@@ -126,4 +130,4 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
     items, fanouts = plan_reads(targets, units, index, world, max_item_bytes, max_sent_bytes)
     buckets = plan_buckets(items, fanouts, world, bucket_bytes)
     source_bytes = sum(i.nbytes for i in items)
-    return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, fanouts, buckets)
+    return Plan(layout, world, padded_vocab, source_bytes, units, targets, items, fanouts, buckets, zeros_left_out)

@@ -10,6 +10,7 @@ from ..config.hf_config import ModelConfig
 from ..config.layout import DTYPES, TargetLayout
 from ..families.mapping import Family, Kind, Piece, Rule, full_shape, hf_shapes, instances, mtp_layer, name_pattern
 from ..families.fused_experts import fused_targets
+from ..source import zero_tensors
 from ..formats.safetensors_index import DTYPE_SIZES, SourceTensor
 from .data import IGNORED_SUFFIXES, Target
 
@@ -54,6 +55,7 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
                                       f"(needed for {rule.megatron.format(i=i, e=e)}{why})")
             used.update(rule.hf_names(i, e, cfg))
         rules.append(rule)
+    used.update(zero_tensors.names(family, cfg))  # checked all zero when the source was opened
     unknown = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings:  # some tied checkpoints still store a copy of the head
         tied = {n for r in family.rules if r.tied_to for n in r.hf}
@@ -257,10 +259,11 @@ def kept_dtypes(family: Family, cfg: ModelConfig) -> set[str]:
 
 
 def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
-                     kept: set[str] = frozenset(), fused: tuple = ()) -> tuple[list, list[str]]:
+                     kept: set[str] = frozenset(), fused: tuple = (), zeros=frozenset()) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
     than that gets a file of its own), as save_pretrained does. Per-expert tensors of a family's fused
-    expert tensors (`fused`, see fused_experts.py) are written as the fused tensors."""
+    expert tensors (`fused`, see fused_experts.py) are written as the fused tensors; `zeros` (no Megatron
+    counterpart, see source/zero_tensors.py) as zeros."""
     stacks = {f.name: f for f in fused_targets(logical, fused, cfg)} if fused else {}
     stacked = {n for f in stacks.values() for n in f.experts}
     names = sorted([n for n in logical if n not in stacked] + list(stacks), key=_hf_order)
@@ -275,8 +278,8 @@ def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
             shape, layout_kw = f.shape, dict(stored_layout=f.stored_layout)
         else:
             t = logical[n]
-            pieces, shape, layout_kw = (Piece(n, (0, t.rows), None, 0),), t.shape, {}
-        dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept else t.dtype
+            pieces, shape, layout_kw = (Piece(None if n in zeros else n, (0, t.rows), None, 0),), t.shape, {}
+        dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept and n not in zeros else t.dtype
         target = Target(-1, -1, None, n, shape, dtype, pieces, **layout_kw)
         if files[-1] and size + target.nbytes > layout.max_shard_bytes:
             files.append([])

@@ -241,6 +241,8 @@ def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, droppe
         "buckets": len(plan.buckets),
         "largest_read_item_bytes": plan.largest_item_bytes,
         "dropped_mtp_tensors": dropped,
+        # Source tensors Megatron-Core has no place for, read and found all zero (source/zero_tensors.py).
+        "zero_tensors_left_out": plan.zeros_left_out,
         # A Megatron source's training state, left out by name: {name: [entries, bytes]}.
         "skipped_non_model_state": dict(source.skipped) if source is not None else {},
         "ranks": [dict(r, planned=a) for r, a in zip(reports, acc)],

@@ -29,6 +29,7 @@ from ..config.layout import TargetLayout, padded_vocab_size
 from ..families.mapping import Family, Kind, full_shape, hf_shapes, instances, name_pattern
 from ..formats.safe_pickle import TensorRef, read_dcp_metadata, read_pt_metadata
 from ..formats.safetensors_index import DTYPE_SIZES, SourceTensor
+from . import zero_tensors
 
 @dataclass(frozen=True)
 class Cover:
@@ -157,7 +158,7 @@ def _features(arch: str) -> tuple:
     multi-latent attention, mamba mixers, LayerNorms with a bias and an ungated MLP)."""
     return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
-                     "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
+                     "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM", "Ernie4_5_MoeForCausalLM"),
             arch == "Qwen2MoeForCausalLM",
             arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
             arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"),
@@ -194,6 +195,14 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
         # DeepSeek-V2 routes by softmax, V3 by sigmoid.
         derived = "DeepseekV2ForCausalLM" if facts.get("router_score") == "softmax" and facts.get(
             "num_experts") else "DeepseekV3ForCausalLM"
+    elif facts.get("num_experts") and facts.get("rotary_interleaved"):
+        # Of the HF MoE families only Ernie-4.5 rotates interleaved pairs: softmax, renormalised, ungated shared.
+        if qk_norm or facts.get("router_score") != "softmax" or not facts["norm_topk_prob"] or getattr(
+                args, "moe_shared_expert_gate", False):
+            raise ConversionError(f"{where}: args.rotary_interleaved = True with q/k norms, a sigmoid router, "
+                                  f"moe_router_pre_softmax or a gated shared expert: Ernie-4.5 MoE, the one HF MoE "
+                                  f"family rotating interleaved pairs, has none of them")
+        derived = "Ernie4_5_MoeForCausalLM"
     elif facts.get("num_experts"):
         if facts.get("router_score") != "softmax":
             if not (facts.get("router_score") == "sigmoid" and _glm_stated(args, qk_norm)):
@@ -211,7 +220,8 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
         elif shared:
             if not gate:
                 raise ConversionError(f"{where}: args.moe_shared_expert_gate = False: Qwen2-MoE's shared expert is "
-                                      f"gated, and no other HF MoE family without MLA has a shared expert")
+                                      f"gated, and no other HF MoE family without MLA has an ungated one but "
+                                      f"Ernie-4.5 (args.rotary_interleaved)")
             derived = "Qwen2MoeForCausalLM"
         elif not all(facts["moe_layers"]):
             raise ConversionError(f"{where}: args.moe_layer_freq = {getattr(args, 'moe_layer_freq', None)!r} mixes "
@@ -232,6 +242,9 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
     if facts.get("rotary_percent", 1.0) != 1.0 and derived != "NemotronForCausalLM":
         raise ConversionError(f"{where}: args.rotary_percent = {facts['rotary_percent']!r}: of the HF families only "
                               f"GLM-4.5 and Nemotron-4 rotate part of each head, and {derived} rotates all of it")
+    if facts.get("rotary_interleaved") and derived != "Ernie4_5_MoeForCausalLM":
+        raise ConversionError(f"{where}: args.rotary_interleaved = True: of the HF families only Ernie-4.5 MoE "
+                              f"rotates interleaved channel pairs, and {derived} rotates the two halves of each head")
     stored = getattr(args, "hf_architecture", None)
     if isinstance(stored, str) and stored not in MODEL_TYPES:
         family_for(stored, f"{where} (args.hf_architecture)")  # refuses an unknown one by name
@@ -474,6 +487,7 @@ def _open_legacy(path: str, folder: str, vocab_size=None, reference=None) -> Meg
                             for r in range(layout.tp) for k in ([ep_rank] if rule.expert else range(layout.ep)))
             for n, shape in zip(names, hf_shapes(rule, cfg)):
                 logical[n] = _logical_tensor(n, shape, dtype)
+    logical.update(zero_tensors.logical(family, cfg))  # nothing stores them: written back as zeros
     if legacy_version is not None:
         covers = legacy_gpt.reorder_qkv(covers, legacy_version, cfg.num_attention_heads // layout.tp, cfg.kv_channels)
     fmt = "torch" if legacy_version is None else "legacy_gpt"
@@ -602,6 +616,7 @@ def _open_torch_dist(path: str, folder: str, vocab_size=None, reference=None) ->
             for n, shape in zip(names, shapes):
                 logical[n] = _logical_tensor(n, shape, dtype)
     _check_covered(logical, covers, folder)
+    logical.update(zero_tensors.logical(family, cfg))  # nothing stores them: written back as zeros
     skipped = _dist_leftovers(md, used, common, folder, family)
     return MegatronSource(path, "torch_dist", args, cfg, family, layout, stored, dict(covers), logical, files, skipped)
 

@@ -200,6 +200,7 @@ def _common_config(args: Namespace) -> dict:
         attention_dropout=0.0,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
+        rotary_interleaved=bool(getattr(args, "rotary_interleaved", False)),  # Ernie-4.5 (the unfused path)
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,

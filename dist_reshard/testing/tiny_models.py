@@ -81,7 +81,14 @@ OWN_SUITE_VARIANTS = {
     "deepseek_v2_lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         _DEEPSEEK, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
         routed_scaling_factor=1.0)),
+    # Ernie-4.5 MoE: layers 1-2 MoE (moe_layer_start/end_index), 0 and 3 dense; 8 routed experts, top 2, two
+    # experts' worth of shared expert, interleaved rotary, tied embeddings. Its selection bias stays zero
+    # (ZERO_BIAS_VARIANTS): the only value Megatron-Core's softmax router expresses.
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
+        head_dim=16, intermediate_size=96, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
+        moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=2, tie_word_embeddings=True)),
 }
+ZERO_BIAS_VARIANTS = ("ernie4_5_moe",)
 
 # Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in
 # 2 groups of B/C (state 16), so TP2 splits every section. Nemotron-H mixes the three layer kinds (its
@@ -119,6 +126,10 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # zeros at init; make it change which experts win
                 b.normal_(0.0, 0.2)
+        if variant in ZERO_BIAS_VARIANTS:
+            for name, p in model.named_parameters():
+                if name.endswith("e_score_correction_bias"):
+                    p.zero_()
     model = model.to(getattr(torch, dtype)).eval()
     return model
 

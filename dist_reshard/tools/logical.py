@@ -94,7 +94,8 @@ class MegatronCheckpoint:
         t = self.source.logical.get(name)
         if t is None:
             raise ConversionError(f"{self.path}: no tensor {name!r} (names are the HF ones)")
-        out = torch.empty(t.shape, dtype=TORCH_DTYPES[t.dtype])
+        # A tensor no shard stores (zero_tensors.py) is all zeros.
+        out = (torch.empty if name in self.source.covers else torch.zeros)(t.shape, dtype=TORCH_DTYPES[t.dtype])
         rows_view = out.view(t.rows, -1)
         for c in self.source.covers.get(name, ()):
             n = c.rows[1] - c.rows[0]

@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moe-grouped-gemm", action="store_true",
                    help="legacy format: grouped-GEMM expert names (linear_fc1.weight<i>) instead of SequentialMLP's")
     p.add_argument("--drop-mtp", action="store_true",
-                   help="DeepSeek-V3: convert without the multi-token-prediction layers stored after the decoder "
-                        "(model.layers.<num_hidden_layers>.*); without this flag their presence is an error")
+                   help="DeepSeek-V3, GLM-4.5: convert without the multi-token-prediction layers stored after the "
+                        "decoder (model.layers.<num_hidden_layers>.*); without this flag they become Megatron-Core's "
+                        "mtp.layers.* (mtp_num_layers)")
     p.add_argument("--layer-pattern", default=None,
                    help="--dst mcore: lay a GPT model out as a MambaModel with this pattern of attention (*) and MLP "
                         "(-) layers, e.g. '*-*-'; 'gpt' lays such a model out as a GPTModel again")
@@ -112,6 +113,11 @@ def _summary(job: dict) -> str:
                      + ", ".join(f"{k} {v:.2f}s" for k, v in r["phases"].items()))
     if job.get("dropped_mtp_tensors"):
         lines.append(f"  dropped on request (--drop-mtp): {job['dropped_mtp_tensors']} multi-token-prediction tensors")
+    if job.get("mtp_layers"):
+        copies = job.get("mtp_shared_copies") or []
+        lines.append(f"  multi-token-prediction: {job['mtp_layers']} layers kept (mtp.layers.*)" + (
+            f"; their copies {', '.join(copies)} equal the main embedding and head, which Megatron-Core shares "
+            f"(compared: {job['mtp_compared_bytes'] / mib:.2f} MiB read)" if copies else ""))
     for name, (count, nbytes) in sorted(job.get("skipped_non_model_state", {}).items()):
         lines.append(f"  skipped (not model state): {name}: {count} entries, {nbytes / mib:.2f} MiB")
     if job.get("read_amplification") is not None:

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "SequentialMLP's (local_experts.<i>.linear_fc1.weight); off. torch_dist loads either way")
     moe.add_argument("--drop-mtp", action="store_true",
                      help="convert without the multi-token-prediction layers (DeepSeek-V3, GLM-4.5), named in the "
-                          "summary; without it such layers are an error")
+                          "summary; without it they become Megatron-Core's mtp.layers.* (mtp_num_layers)")
 
     fmt = p.add_argument_group("formats and names")
     fmt.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
@@ -162,6 +162,11 @@ def _summary(job: dict) -> str:
     if job.get("zero_tensors_left_out"):
         lines.append(f"  left out, checked all zero (Megatron-Core has no place for them): "
                      f"{job['zero_tensors_left_out']} tensors (e.g. Ernie-4.5's expert selection biases)")
+    if job.get("mtp_layers"):
+        copies = job.get("mtp_shared_copies") or []
+        lines.append(f"  multi-token-prediction: {job['mtp_layers']} layers kept (mtp.layers.*)" + (
+            f"; their copies {', '.join(copies)} equal the main embedding and head, which Megatron-Core shares "
+            f"(compared: {job['mtp_compared_bytes'] / mib:.2f} MiB read)" if copies else ""))
     for name, (count, nbytes) in sorted(job.get("skipped_non_model_state", {}).items()):
         lines.append(f"  skipped (not model state): {name}: {count} entries, {nbytes / mib:.2f} MiB")
     if job.get("read_amplification") is not None:

@@ -226,7 +226,7 @@ def test_uneven_round_trip_to_hf_byte_identical(uneven_results, name):
     (dict(pp=4, first_stage_layers=3), 8, "torch_dist", "middle layers must be divisible by the 3 middle"),
     (dict(pp=2, vpp=2, first_stage_layers=2, last_stage_layers=6), 8, "torch_dist", "division by zero"),
     (dict(pp=2, vpp=2, embedding_in_split=True), 8, "torch_dist", "num_layers + embedding + loss divisible"),
-    (dict(pp=2, stage_layout="Et|tmL"), 2, "torch_dist", "multi-token-prediction layers ('m')"),
+    (dict(pp=2, stage_layout="Et|tmL"), 2, "torch_dist", "it holds 1 MTP layers (m), the model 0"),
     (dict(pp=2, stage_layout="Ett|tt", ), 4, "torch_dist", "the last layer must be the loss (L)"),
     (dict(pp=2, stage_layout="Ett|tx|L"), 4, "torch_dist", "invalid layer character 'x'"),
     (dict(pp=2, stage_layout="Ett|tL", first_stage_layers=2), 3, "torch_dist",

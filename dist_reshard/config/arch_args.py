@@ -199,6 +199,8 @@ _SQUARED_RELU = (lambda c: _mamba(c) or _layernorm_1p(c), lambda a: _mamba_args(
 
 ROWS: tuple[Arg, ...] = (
     Arg("num_layers", ("num_layers",)),
+    # Multi-token-prediction layers (DeepSeek-V3, GLM-4.5): Megatron-LM's --mtp-num-layers, None when there are none.
+    Arg("mtp_layers", ("mtp_num_layers",), write=lambda c: c.mtp_layers or None, read=lambda v, a: v or 0),
     Arg("hidden_size", ("hidden_size",)),
     Arg("ffn_hidden_size", ("ffn_hidden_size",)),
     Arg("num_attention_heads", ("num_attention_heads",)),
@@ -319,7 +321,6 @@ FIXED: tuple[Fixed, ...] = (
     Fixed(("heterogeneous_layers_config_path",), None, None, "the HF families have identical layers"),
     Fixed(("heterogeneous_layers_config_encoded_json",), None, None, "the HF families have identical layers"),
     Fixed(("moe_latent_size",), None, None, "the HF MoE families have no latent expert projection"),
-    Fixed(("mtp_num_layers",), None, None, "multi-token-prediction layers are not converted"),
     Fixed(("mrope_section",), None, None, "the HF GPT families use 1-D rotary positions"),
 )
 

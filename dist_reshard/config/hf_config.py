@@ -79,6 +79,10 @@ class ModelConfig:
     # A GPT model laid out as a MambaModel (attention and MLP in separate layers): the HF layer each Megatron
     # layer comes from; empty when Megatron and HF number layers alike.
     hf_layers: tuple[int, ...] = ()
+    # Multi-token-prediction layers converted (HF `model.layers.{num_layers + k}.`, Megatron `mtp_num_layers`):
+    # counted from an HF folder's tensors (hf_source), since transformers writes `num_nextn_predict_layers` 1
+    # into configs whose checkpoints have none; 0 from config.json alone.
+    mtp_layers: int = 0
 
     def hf_layer(self, layer: int) -> int:
         return self.hf_layers[layer] if self.hf_layers else layer

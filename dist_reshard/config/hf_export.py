@@ -64,6 +64,8 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
         del out["rms_norm_eps"]
         out.update(norm_eps=cfg.norm_epsilon, hidden_act="relu2",
                    partial_rotary_factor=cfg.rotary_percent, mlp_bias=False)
+    if cfg.mtp_layers:
+        out["num_nextn_predict_layers"] = cfg.mtp_layers
     if cfg.mla:
         out.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
                    qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,

@@ -125,8 +125,10 @@ class TargetLayout:
                     "the pre-Megatron-Core GPT model (--dst legacy) splits layers evenly")
             raise ConversionError(f"{self.pipeline_flags}: not supported here; {what}")
         counts = self.chunk_layers(cfg.num_layers)  # refuses what Megatron-Core refuses
+        self._validate_mtp(cfg)
+        holders = {(0, 0), (self.pp - 1, self.chunks - 1)} | ({self.mtp_stage()} if cfg.mtp_layers else set())
         empty = [(p, v) for p in range(self.pp) for v in range(self.chunks) if not counts[p][v]
-                 and (p, v) not in ((0, 0), (self.pp - 1, self.chunks - 1))]
+                 and (p, v) not in holders]
         if empty and self.ckpt_format == "torch":
             raise ConversionError(f"{self.pipeline_flags}: pipeline rank {empty[0][0]}'s chunk {empty[0][1]} holds no "
                                   f"layer, which a legacy (torch) checkpoint cannot store; use --ckpt-format torch_dist")
@@ -233,8 +235,16 @@ class TargetLayout:
         flat = "".join(stages)  # stage v * pp + p: Megatron's layer id order
         rule = "Megatron-Core's PipelineParallelLayerLayout.validate_layer_layout"
         if "m" in flat:
-            raise ConversionError(f"{where}: multi-token-prediction layers ('m') are not converted by dist_reshard "
-                                  f"yet; give a layout without them")
+            mtp_stages = [k for k, stage in enumerate(stages) if "m" in stage]
+            k = mtp_stages[0]
+            for ok, what in (("t" not in flat[flat.index("m"):], "decoder layers must be placed before MTP layers"),
+                             (len(mtp_stages) == 1, "all of the MTP layers must be in the same one virtual pipeline "
+                                                    "stage"),
+                             (k // pp == vpp - 1, "the MTP layers must be in the last virtual pipeline stage of "
+                                                  "their pipeline rank")):
+                if not ok:
+                    raise ConversionError(f"{where}: Megatron-Core's PipelineParallelLayerLayout.validate_layer_layout: "
+                                          f"{what}")
         for ok, what in ((flat[:1] == "E", "the first layer must be the embedding (E)"),
                          (flat[-1:] == "L", "the last layer must be the loss (L)"),
                          (flat.count("E") == 1, "the embedding (E) must appear exactly once"),
@@ -244,6 +254,25 @@ class TargetLayout:
             if not ok:
                 raise ConversionError(f"{where}: {rule}: {what}")
         return [[stages[v * pp + p].count("t") for v in range(vpp)] for p in range(pp)]
+
+    def mtp_stage(self) -> tuple[int, int]:
+        """(pipeline rank, virtual chunk) holding the multi-token-prediction block: where a layout string puts
+        `m`, else the last stage (Megatron-Core's mtp_on_this_rank)."""
+        if self.stage_layout is not None:
+            stages = parse_stage_layout(self.stage_layout)
+            k = next((k for k, stage in enumerate(stages) if "m" in stage), len(stages) - 1)
+            return k % self.pp, k // self.pp
+        return self.pp - 1, self.chunks - 1
+
+    def _validate_mtp(self, cfg: ModelConfig) -> None:
+        if self.stage_layout is None:
+            return
+        count = "".join(parse_stage_layout(self.stage_layout)).count("m")
+        if count != cfg.mtp_layers:
+            raise ConversionError(f"--pipeline-model-parallel-layout {self.stage_layout!r}: Megatron-Core's "
+                                  f"PipelineParallelLayerLayout.validate_layer_layout: it holds {count} MTP layers (m), "
+                                  f"the model {cfg.mtp_layers} (mtp_num_layers)"
+                                  + ("; pass --drop-mtp to convert without them" if cfg.mtp_layers else ""))
 
     def chunk_offsets(self, num_layers: int) -> list[list[int]]:
         """Global index of each chunk's first layer, [pipeline rank][virtual chunk]: layers are numbered chunk
@@ -295,7 +324,9 @@ class TargetLayout:
     def place(self, rule, layer: int | None, placement: list[tuple[int, int, int]]) -> tuple[int, int, int | None]:
         """(pipeline rank, virtual chunk, local layer index) of one instance of a rule: decoder layers by
         `placement`, a second stack (a vision encoder) whole on the first stage, other tensors on the first
-        or last stage (`Rule.home`)."""
+        or last stage (`Rule.home`); multi-token-prediction layers on the MTP stage."""
+        if rule.mtp or rule.home == "mtp":
+            return self.mtp_stage() + (layer,)
         if layer is None:
             return (0, 0, None) if rule.home == "first" else (self.pp - 1, self.chunks - 1, None)
         return (0, 0, layer) if rule.stack else placement[layer]

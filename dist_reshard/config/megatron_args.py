@@ -30,6 +30,8 @@ def megatron_args(cfg: ModelConfig, layout: TargetLayout, padded_vocab: int, fam
         add_position_embedding=False,
         qk_layernorm=qk_layernorm or cfg.mla,  # MLA: the q/kv latent norms
         **_moe_extra_args(cfg, layout),
+        # Megatron-LM's default weight of the MTP loss (--mtp-loss-scaling-factor): a training choice, no weights.
+        **({"mtp_loss_scaling_factor": 0.1} if cfg.mtp_layers else {}),
         # Vocabulary.
         padded_vocab_size=padded_vocab,
         vocab_size=cfg.vocab_size,

@@ -12,6 +12,7 @@ import dataclasses
 from .mapping import Family, Kind, rule
 from .llama import DENSE_MLP, EMBEDDING, FINAL
 from .moe import routed_experts, shared_expert
+from .mtp import with_mtp
 
 
 def _heads(per_head: str, cols: str):
@@ -89,7 +90,7 @@ class DeepseekV3(Family):
         check_sigmoid_routing(cfg)
 
 
-DEEPSEEK_V3 = DeepseekV3("deepseek_v3", ("DeepseekV3ForCausalLM",), tuple(_local_keys_unmapped(r) for r in (
+DEEPSEEK_V3 = DeepseekV3("deepseek_v3", ("DeepseekV3ForCausalLM",), with_mtp(tuple(_local_keys_unmapped(r) for r in (
     EMBEDDING + MLA + DENSE_MLP
     + routed_experts("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj") + ROUTER_BIAS
-    + shared_expert("mlp.shared_experts", gate=None) + FINAL)))
+    + shared_expert("mlp.shared_experts", gate=None) + FINAL))))

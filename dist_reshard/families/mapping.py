@@ -58,6 +58,12 @@ class Rule:
     unsqueeze: int = 0  # leading singleton axes the Megatron tensor has beyond the HF one (a [1, 1, H] token)
     parts: Callable[[ModelConfig], tuple[int, ...]] | None = None  # Kind.PARTS: the row sections' sizes
     dist_parts: tuple[str, ...] = ()  # torch_dist stores each section under its own key `<key>.<name>`
+    # A tensor of multi-token-prediction layer `{i}` (HF layer num_layers + i, Megatron `mtp.layers.{i}.`), on the
+    # pipeline stage Megatron places the MTP block (`TargetLayout.mtp_stage`); torch_dist keys it per layer.
+    mtp: bool = False
+    # The copy of that Megatron tensor's HF tensor an MTP layer stores (its embedding, its head): Megatron
+    # shares the main one, so HF -> Megatron checks the copy equals it and the way back writes it again.
+    shared_with: str | None = None
 
     @property
     def per_layer(self) -> bool:
@@ -73,7 +79,9 @@ class Rule:
         return self.placement or ("first" if self.megatron.startswith("embedding.") else "last")
 
     def applies(self, cfg: ModelConfig, layer: int) -> bool:
-        return self.where == "all" or cfg.layer_kind(layer) == self.where
+        # Megatron builds its MTP layers with the last decoder layer's spec (get_gpt_mtp_block_spec).
+        kind = cfg.layer_kind(cfg.num_layers - 1 if self.mtp else layer)
+        return self.where == "all" or kind == self.where
 
     def kind_for(self, transformer_impl: str) -> Kind:
         return self.local_kind if (transformer_impl == "local" and self.local_kind) else self.kind
@@ -87,7 +95,9 @@ class Rule:
         """The DCP key. Homogeneous stacks drop the layer index (layers form a leading axis); stacks mixing
         dense and MoE layers keep it as `decoder.layers.{g}.` with the global index g."""
         key = (self.local_dist_key if transformer_impl == "local" and self.local_dist_key else None) \
-            or self.dist_key or self.megatron.replace("{i}.", "")
+            or self.dist_key or (self.megatron if self.mtp else self.megatron.replace("{i}.", ""))
+        if self.mtp:  # `mtp.layers.{i}.`: always keyed by layer, never stacked
+            return key.replace("{i}", str(layer))
         return key if layer is None else key.replace("decoder.layers.", f"decoder.layers.{layer}.", 1)
 
     def blocks(self, transformer_impl: str, shapes, names, cfg: ModelConfig, tp: int, r: int,
@@ -114,7 +124,7 @@ class Rule:
     def hf_names(self, layer: int | None, expert: int | None = None, cfg: ModelConfig | None = None) -> tuple[str, ...]:
         """The HF tensors of Megatron layer `layer` (mapped to its HF layer through `cfg.hf_layers`)."""
         if cfg is not None and layer is not None:
-            layer = cfg.hf_layer(layer)
+            layer = cfg.num_layers + layer if self.mtp else cfg.hf_layer(layer)
         return tuple(n.format(i=layer, e=expert) for n in self.hf)
 
 
@@ -167,7 +177,8 @@ def instances(rule: Rule, cfg: ModelConfig) -> list[tuple[int | None, int | None
     if rule.when and not cfg.flag(rule.when):
         return []
     cfg = rule.config(cfg)
-    layers = [i for i in range(cfg.num_layers) if rule.applies(cfg, i)] if rule.per_layer else [None]
+    count = cfg.mtp_layers if rule.mtp else cfg.num_layers
+    layers = [i for i in range(count) if rule.applies(cfg, i)] if rule.per_layer else [None]
     experts = range(cfg.num_experts) if rule.expert else [None]
     return [(i, e) for i in layers for e in experts]
 

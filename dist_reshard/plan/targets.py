@@ -54,7 +54,8 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
                 raise ConversionError(f"source tensor {missing!r} is missing from the safetensors files "
                                       f"(needed for {rule.megatron.format(i=i, e=e)}{why})")
             used.update(rule.hf_names(i, e, cfg))
-        rules.append(rule)
+        if not rule.shared_with:  # an MTP layer's copy of a shared tensor: checked against it, not converted
+            rules.append(rule)
     used.update(zero_tensors.names(family, cfg))  # checked all zero when the source was opened
     unknown = sorted(n for n in index if n not in used and not n.endswith(IGNORED_SUFFIXES))
     if cfg.tie_word_embeddings:  # some tied checkpoints still store a copy of the head
@@ -114,7 +115,7 @@ def build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConf
     """
     rules = _resolve_rules(family, index, cfg)
     placement = layout.layer_placement(cfg.num_layers)
-    by_name = {r.megatron: r for r in rules}
+    by_name = {r.megatron: r for r in rules if r.home != "mtp"}
     legacy = layout.ckpt_format == "torch"
     impl = layout.transformer_impl
     stacked = cfg.layers_alike
@@ -173,6 +174,8 @@ def build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConf
                                                   lead_shape + sub_full, goff, len(lead_offset))))
 
     for rule in rules:
+        if rule.home == "mtp" and not (legacy and layout.mtp_stage() != (0, 0)):
+            continue  # the MTP stage's embedding: its own copy only in a legacy file of another stage
         if rule.tied_to and cfg.tie_word_embeddings:
             if not legacy or layout.pp == 1:
                 continue  # tied and on the same stage (or torch_dist, which keys it as the embedding)
@@ -200,7 +203,7 @@ def build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConf
             else:
                 if i is None:
                     add_dist(rule.torch_dist_key(impl), (), (), rule, names, tp)
-                elif stacked:
+                elif stacked and not rule.mtp:
                     layers = rule.config(cfg).num_layers
                     lead = ((i, e), (layers, cfg.num_experts)) if e is not None else ((i,), (layers,))
                     add_dist(rule.torch_dist_key(impl), *lead, rule, names, tp)

@@ -35,11 +35,12 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, object, object, dict, object, int]:
-    """(plan, config, family, HF-named index, Megatron source or None, source tensors dropped on request).
+def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, object, object, dict, object, dict]:
+    """(plan, config, family, HF-named index, Megatron source or None, the multi-token-prediction summary: tensors
+    dropped on request, layers kept, the copies of shared tensors compared and the bytes that took).
     With a Megatron source the index holds its logical HF tensors and the plan reads the shards or chunks
     that store them."""
-    source, dropped = None, 0
+    source, mtp = None, {"dropped": 0}
     if opts.layout.ckpt_format == "hf" and opts.src != "mcore":
         raise ConversionError(f"--src {opts.src} --dst hf: the source is already HF safetensors")
     if opts.src == "mcore":
@@ -58,11 +59,17 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
                                   f"N so that the HF model gets exactly the tokenizer's rows")
         cfg, family, index = source.config, source.family, source.logical
     else:
-        cfg, family, index = open_hf_folder(opts.load)
-        mtp = mtp_tensors(index, cfg)
-        if mtp and opts.drop_mtp:
-            index = {n: t for n, t in index.items() if n not in mtp}
-            dropped = len(mtp)
+        cfg, family, index = open_hf_folder(opts.load, count_mtp=not opts.drop_mtp)
+        stored_mtp = mtp_tensors(index, cfg)
+        if stored_mtp and opts.drop_mtp:
+            index = {n: t for n, t in index.items() if n not in stored_mtp}
+            mtp = {"dropped": len(stored_mtp)}
+        elif cfg.mtp_layers:
+            from ..source.mtp_copies import check_shared_copies, shared_copies
+
+            pairs = shared_copies(family, cfg)
+            mtp = {"dropped": 0, "kept_layers": cfg.mtp_layers, "shared_copies": [c for c, _ in pairs],
+                   "compared_bytes": check_shared_copies(index, pairs, collectives.rank(), collectives.world())}
     if opts.layer_pattern:
         from ..families.gpt_hybrid import relayout
 
@@ -73,7 +80,9 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
         check_target(family, cfg)
     plan = make_plan(family, index, cfg, opts.layout, collectives.world(), bucket_bytes=opts.bucket_bytes,
                      skip_paths=skip_paths, source=source)
-    return plan, cfg, family, index, source, dropped
+    if source is not None and cfg.mtp_layers:
+        mtp = {"dropped": 0, "kept_layers": cfg.mtp_layers}
+    return plan, cfg, family, index, source, mtp
 
 
 def _source_files(index: dict, source=None) -> list[str]:
@@ -106,10 +115,10 @@ def run(opts: Options) -> dict:
 
     err: BaseException | None = None
     plan = view = cfg = family = index = identity = source = source_files = None
-    dropped = 0
+    mtp = {"dropped": 0}
     try:
         destination.check_paths(opts.save, opts.load)
-        plan, cfg, family, index, source, dropped = _plan(opts)
+        plan, cfg, family, index, source, mtp = _plan(opts)
         # Every path the source resolves through (a symlinked shard's real file too) is out of reach.
         source_files = _source_files(index, source)
         destination.check_paths(opts.save, opts.load, source_files)
@@ -122,7 +131,7 @@ def run(opts: Options) -> dict:
     phase("plan")
     report.bytes_planned = view.bytes_read
     if opts.dry_run:
-        return _finish(report, plan, opts, dry_run=True, dropped=dropped, source=source)
+        return _finish(report, plan, opts, dry_run=True, mtp=mtp, source=source)
 
     lock = destination.DestinationLock(opts.save) if me == 0 else None
     try:
@@ -169,7 +178,7 @@ def run(opts: Options) -> dict:
             # A peer died or a collective broke: keep the finished files for --resume.
             raise ConversionError(f"{e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''} "
                                   f"(finished files kept in {staging}; rerun with --resume)") from e
-        return _finish(report, plan, opts, dry_run=False, dropped=dropped, source=source)
+        return _finish(report, plan, opts, dry_run=False, mtp=mtp, source=source)
 
     finally:
         if lock is not None:
@@ -223,7 +232,8 @@ def _publish(opts: Options, plan: Plan, view: RankPlan, cfg, family, source, sta
     phase("publish")
 
 
-def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, dropped: int = 0, source=None) -> dict:
+def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, mtp: dict | None = None,
+            source=None) -> dict:
     report.peak_rss_bytes = _peak_rss()
     if torch.cuda.is_initialized():
         report.peak_gpu_bytes = torch.cuda.max_memory_allocated()
@@ -240,7 +250,11 @@ def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, droppe
         "transfers": plan.transfer_count,
         "buckets": len(plan.buckets),
         "largest_read_item_bytes": plan.largest_item_bytes,
-        "dropped_mtp_tensors": dropped,
+        "dropped_mtp_tensors": (mtp or {}).get("dropped", 0),
+        # Multi-token-prediction layers kept, the MTP layers' copies of shared tensors compared (HF source).
+        "mtp_layers": (mtp or {}).get("kept_layers", 0),
+        "mtp_shared_copies": (mtp or {}).get("shared_copies", []),
+        "mtp_compared_bytes": sum(collectives.gather_objects((mtp or {}).get("compared_bytes", 0))),
         # Source tensors Megatron-Core has no place for, read and found all zero (source/zero_tensors.py).
         "zero_tensors_left_out": plan.zeros_left_out,
         # A Megatron source's training state, left out by name: {name: [entries, bytes]}.

@@ -128,6 +128,9 @@ def _config_from_args(args: Namespace, where: str = "args", vocab_size: int | No
             kept = config_from_dict(stored, "args.hf_config")
         except ConversionError:
             kept = None
+        if kept is not None and (kept.raw.get("num_nextn_predict_layers") or 0) >= cfg.mtp_layers:
+            # config.json only declares MTP layers; how many the checkpoint holds the args say.
+            kept = dataclasses.replace(kept, mtp_layers=cfg.mtp_layers)
         if kept is not None and kept.architecture == arch and not differing_facts(kept, cfg):
             return dataclasses.replace(kept, vocab_size=cfg.vocab_size)
     return cfg
@@ -292,7 +295,7 @@ def config_from_args(args: Namespace, where: str, vocab_size: int | None = None)
 
 # Facts that do not change what the model computes (HF builds rotary tables for any length), so a reference HF
 # config may state its own; vocab_size is checked against the stored rows on its own.
-_PREFLIGHT_EXEMPT = ("max_position_embeddings", "vocab_size")
+_PREFLIGHT_EXEMPT = ("max_position_embeddings", "vocab_size", "mtp_layers")  # a config only declares MTP layers
 
 
 def _model_config(args: Namespace, where: str, vocab_size: int | None, reference: ModelConfig | None) -> ModelConfig:
@@ -458,14 +461,25 @@ def _open_legacy(path: str, folder: str, vocab_size=None, reference=None) -> Meg
     per_ep = cfg.num_experts // layout.ep if cfg.num_experts else 0
     covers: dict[str, list[Cover]] = defaultdict(list)
     logical: dict[str, SourceTensor] = {}
-    tied_copies = set()
+    tied_copies, stage_copies = set(), set()
     for rule in family.rules:
         if rule.tied_to and cfg.tie_word_embeddings:
             tied_copies.add(rule.name(impl, grouped))
             continue
+        if rule.shared_with or rule.home == "mtp":  # added after the loop / left over by name
+            if rule.home == "mtp" and instances(rule, cfg) and layout.mtp_stage() != (0, 0):
+                p, v = layout.mtp_stage()
+                stage_copies.update((os.path.join(folder, layout.legacy_rank_file(r, p, k)), layout.container(v),
+                                     rule.name(impl)) for r in range(layout.tp) for k in range(layout.ep))
+            continue
         probe_key = rule.name(impl, grouped)
-        if rule.optional and not any(probe_key.format(i=j, e=0) in first[c] for c in containers
-                                     for j in range(cfg.num_layers)):
+        if rule.mtp:  # the MTP stage's file holds them
+            p, v = layout.mtp_stage()
+            probe = [meta[os.path.join(folder, layout.legacy_rank_file(0, p, 0))][0].get(layout.container(v), {})]
+        else:
+            probe = [first[c] for c in containers]
+        if rule.optional and not any(probe_key.format(i=j, e=0) in keys for keys in probe
+                                     for j in range(cfg.mtp_layers if rule.mtp else cfg.num_layers)):
             continue
         tp = layout.expert_tp if rule.expert else layout.tp
         for i, e in instances(rule, cfg):
@@ -490,8 +504,9 @@ def _open_legacy(path: str, folder: str, vocab_size=None, reference=None) -> Meg
     logical.update(zero_tensors.logical(family, cfg))  # nothing stores them: written back as zeros
     if legacy_version is not None:
         covers = legacy_gpt.reorder_qkv(covers, legacy_version, cfg.num_attention_heads // layout.tp, cfg.kv_channels)
+    _add_shared_copies(family, cfg, logical, covers)
     fmt = "torch" if legacy_version is None else "legacy_gpt"
-    skipped = _legacy_leftovers(meta, consumed, tied_copies, family)
+    skipped = _legacy_leftovers(meta, consumed, tied_copies, family, stage_copies)
     return MegatronSource(path, fmt, args, cfg, family, layout, stored, dict(covers), logical, rank_files, skipped)
 
 
@@ -513,7 +528,17 @@ def _ref_bytes(refs) -> int:
     return sum(math.prod(r.shape) * DTYPE_SIZES[r.storage.dtype] for r in refs)
 
 
-def _legacy_leftovers(meta, consumed, tied_copies, family) -> dict[str, list[int]]:
+def _add_shared_copies(family: Family, cfg: ModelConfig, logical: dict, covers: dict) -> None:
+    """The copies of the embedding and head an HF MTP layer stores (`Rule.shared_with`): Megatron keeps only
+    the main tensors, so each copy is read from where the main one is stored."""
+    from .mtp_copies import shared_copies
+
+    for copy, main in shared_copies(family, cfg):
+        logical[copy] = dataclasses.replace(logical[main], name=copy)
+        covers[copy] = [dataclasses.replace(c, hf=copy) for c in covers[main]]
+
+
+def _legacy_leftovers(meta, consumed, tied_copies, family, stage_copies=frozenset()) -> dict[str, list[int]]:
     """Every model tensor of every rank file was consumed by the family's rules, or the checkpoint holds a
     model this mapping would convert incompletely: refused naming the first ones left over. Everything else
     (optimizer, rng and scheduler state, `_extra_state`) is skipped, counted by name."""
@@ -534,6 +559,8 @@ def _legacy_leftovers(meta, consumed, tied_copies, family) -> dict[str, list[int
                     kind = "_extra_state"
                 elif any(name_pattern(t).fullmatch(key) for t in tied_copies):
                     kind = "tied output layer (a copy of the embedding)"
+                elif (file, c, key) in stage_copies:
+                    kind = "the multi-token-prediction stage's copy of the embedding"
                 elif refs and (file, c, key) not in consumed:
                     left.append(f"{os.path.basename(os.path.dirname(file))}/{c}/{key}")
                     continue
@@ -578,10 +605,10 @@ def _open_torch_dist(path: str, folder: str, vocab_size=None, reference=None) ->
     padded = None
     used: set[str] = set()
     for rule in family.rules:
-        if rule.tied_to and cfg.tie_word_embeddings:
-            continue
+        if (rule.tied_to and cfg.tie_word_embeddings) or rule.shared_with or rule.home == "mtp":
+            continue  # torch_dist stores the MTP stage's embedding once, as the embedding
         for i, e in instances(rule, cfg):
-            layer_key = None if (stacked or i is None) else i
+            layer_key = None if ((stacked and not rule.mtp) or i is None) else i
             # The local spec keys a MoE layer's pre-MLP norm differently; take whichever was written.
             first_key = rule.first_dist_key
             key = next((k for k in (rule.torch_dist_key(impl, layer_key) for impl in ("transformer_engine", "local"))
@@ -590,7 +617,8 @@ def _open_torch_dist(path: str, folder: str, vocab_size=None, reference=None) ->
                 if rule.optional:
                     break
                 raise ConversionError(f"{folder}: tensor {first_key(key)!r} missing from the checkpoint's metadata")
-            lead = tuple(x for x in ((i if stacked else None), e) if x is not None) + (0,) * rule.unsqueeze
+            lead = tuple(x for x in ((i if stacked and not rule.mtp else None), e) if x is not None) + \
+                (0,) * rule.unsqueeze
             names = rule.hf_names(i, e, cfg)
             shapes = hf_shapes(rule, cfg)
             if rule.kind is Kind.VOCAB:
@@ -615,6 +643,7 @@ def _open_torch_dist(path: str, folder: str, vocab_size=None, reference=None) ->
                                   dtype)
             for n, shape in zip(names, shapes):
                 logical[n] = _logical_tensor(n, shape, dtype)
+    _add_shared_copies(family, cfg, logical, covers)
     _check_covered(logical, covers, folder)
     logical.update(zero_tensors.logical(family, cfg))  # nothing stores them: written back as zeros
     skipped = _dist_leftovers(md, used, common, folder, family)

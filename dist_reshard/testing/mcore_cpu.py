@@ -217,6 +217,7 @@ def _common_config(args: Namespace) -> dict:
         account_for_embedding_in_pipeline_split=bool(getattr(args, "account_for_embedding_in_pipeline_split", False)),
         account_for_loss_in_pipeline_split=bool(getattr(args, "account_for_loss_in_pipeline_split", False)),
         pipeline_model_parallel_layout=getattr(args, "pipeline_model_parallel_layout", None),
+        mtp_num_layers=getattr(args, "mtp_num_layers", None),
         **_moe_config(args),
     )
 
@@ -249,7 +250,8 @@ def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
     """This rank's GPTModel chunks (one per virtual pipeline stage), local spec, float32, eval mode."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec, get_gpt_layer_local_spec,
+                                                          get_gpt_mtp_block_spec)
 
     apply_cpu_patches()
     config = _transformer_config(args)
@@ -268,6 +270,11 @@ def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
             spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm)
             if config.layernorm_zero_centered_gamma:
                 spec = _zero_centred_norms(spec, config, vp_stage)
+        # The multi-token-prediction block, on the stage that holds it (None elsewhere): the last decoder layer's
+        # spec, as Megatron-LM builds it.
+        mtp_spec = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage,
+                                          pp_rank=ps.get_pipeline_model_parallel_rank()) \
+            if getattr(args, "mtp_num_layers", None) else None
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -282,14 +289,20 @@ def build_gpt_models(args: Namespace) -> List[torch.nn.Module]:
             rope_scaling=bool(args.use_rope_scaling),
             rope_scaling_factor=args.rope_scaling_factor,
             vp_stage=vp_stage,
+            mtp_block_spec=mtp_spec,
         )
         model.eval()
         models.append(model)
     return models
 
 
-def forward_logits(models: Sequence[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor:
+def forward_logits(models: Sequence[torch.nn.Module], tokens: torch.Tensor, mtp_logits: list | None = None
+                   ) -> torch.Tensor:
     """Full-vocab float32 logits [b, s, V_padded] on every rank; pipeline run by hand in schedule order.
+
+    With multi-token-prediction layers (on the last stage), GPTModel computes their loss only from labels;
+    run without, it appends their hidden states to the main ones along the sequence, so the logits of
+    positions s .. (1 + k) s are the MTP layers' (put in `mtp_logits`, [b, s, V_padded] each).
 
     Hidden states [s, b, h] go stage to stage with blocking send/recv (the pipeline ring wraps from
     the last stage of chunk v to the first stage of chunk v+1). The last stage all-gathers the
@@ -300,10 +313,26 @@ def forward_logits(models: Sequence[torch.nn.Module], tokens: torch.Tensor) -> t
     b, s = tokens.shape
     pp = ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
-    nchunks = len(models)
     hidden = models[0].config.hidden_size
     position_ids = torch.arange(s, dtype=torch.long)[None].expand(b, s).contiguous()
     mask = torch.triu(torch.ones(s, s), 1).bool()[None, None]
+    config = models[0].config
+    mtp = config.mtp_num_layers or 0
+    config.mtp_num_layers = None  # no labels: no MTP loss (gpt_model._postprocess clones the labels otherwise)
+    try:
+        out = _run_pipeline(models, tokens, position_ids, mask, hidden, pp, pp_rank, b, s * (1 + mtp))
+    finally:
+        config.mtp_num_layers = mtp or None
+    if mtp_logits is not None:
+        mtp_logits.extend(out[:, s * (k + 1):s * (k + 2)] for k in range(mtp))
+    return out[:, :s]
+
+
+def _run_pipeline(models, tokens, position_ids, mask, hidden, pp, pp_rank, b, s_out):
+    """forward_logits' pipeline: the last stage's logits, s_out positions, gathered and broadcast."""
+    from megatron.core import parallel_state as ps
+
+    s, nchunks = tokens.shape[1], len(models)
     out = None
     with torch.no_grad():
         for v in range(nchunks):
@@ -334,7 +363,7 @@ def forward_logits(models: Sequence[torch.nn.Module], tokens: torch.Tensor) -> t
             dist.all_gather(parts, local, group=tp_group)
             out = torch.cat(parts, dim=-1).contiguous()
         else:
-            out = torch.empty(b, s, vocab, dtype=torch.float32)
+            out = torch.empty(b, s_out, vocab, dtype=torch.float32)
         if pp > 1:
             dist.broadcast(out, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
@@ -349,9 +378,14 @@ def sharded_state_dict(models: Sequence[torch.nn.Module]) -> Dict:
     vp_stage already puts global layer offsets into the ShardedTensors, so the nesting never reaches
     the DCP keys. The common state (args, iteration, ...) merges in beside these keys on load.
     """
+    metadata = None
+    if models[0].config.mtp_num_layers:  # the MTP stage's embedding copy is tied over the data-parallel group
+        from megatron.core import parallel_state as ps
+
+        metadata = {"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
     if len(models) == 1:
-        return {"model": models[0].sharded_state_dict()}
-    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)}
+        return {"model": models[0].sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": m.sharded_state_dict(metadata=metadata) for i, m in enumerate(models)}
 
 
 def load_torch_dist(models: Sequence[torch.nn.Module], ckpt_dir: str) -> Dict:

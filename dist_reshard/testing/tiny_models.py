@@ -87,8 +87,13 @@ OWN_SUITE_VARIANTS = {
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(
         head_dim=16, intermediate_size=96, moe_intermediate_size=16, moe_num_experts=8, moe_k=2,
         moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=2, tie_word_embeddings=True)),
+    # Multi-token prediction: DeepSeek-V3 and GLM-4.5 declaring one MTP layer after the decoder (written by
+    # `save_model(..., mtp_layers=1)` as their published checkpoints store it; transformers has no module for it).
+    "deepseek_v3_mtp": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(_DEEPSEEK, num_nextn_predict_layers=1)),
 }
 ZERO_BIAS_VARIANTS = ("ernie4_5_moe",)
+OWN_SUITE_VARIANTS["glm4_moe_mtp"] = (*OWN_SUITE_VARIANTS["glm4_moe"][:2], dict(OWN_SUITE_VARIANTS["glm4_moe"][2],
+                                                                                num_nextn_predict_layers=1))
 
 # Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in
 # 2 groups of B/C (state 16), so TP2 splits every section. Nemotron-H mixes the three layer kinds (its
@@ -134,11 +139,61 @@ def build_model(variant: str = "llama3", seed: int = 0, dtype: str = "float32", 
     return model
 
 
-def save_model(model, folder: str, max_shard_size: str = "200KB") -> str:
-    """save_pretrained with small shards, so multi-file indexes are always exercised."""
+def save_model(model, folder: str, max_shard_size: str = "200KB", mtp_layers: int = 0, seed: int = 0) -> str:
+    """save_pretrained with small shards, so multi-file indexes are always exercised; with `mtp_layers`
+    multi-token-prediction layers after the decoder, as DeepSeek-V3 and GLM-4.5 store them (transformers writes
+    `num_nextn_predict_layers` 1 into their configs whatever the checkpoint holds, and saves none)."""
     os.makedirs(folder, exist_ok=True)
     model.save_pretrained(folder, max_shard_size=max_shard_size, safe_serialization=True)
+    if mtp_layers:
+        add_mtp_layers(folder, mtp_layers, seed)
     return folder
+
+
+def add_mtp_layers(folder: str, count: int, seed: int = 0) -> None:
+    """Multi-token-prediction layers `model.layers.{L + k}.` in a file of their own: enorm, hnorm, eh_proj, a
+    decoder layer shaped like the last one (fresh random values, so a layer mixed up with it shows), its
+    shared_head.norm, and copies of the embedding and head (`embed_tokens`, `shared_head.head`)."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    with open(os.path.join(folder, "config.json")) as f:
+        L = json.load(f)["num_hidden_layers"]
+    state = {}
+    for file in sorted(set(index["weight_map"].values())):
+        state.update(load_file(os.path.join(folder, file)))
+    gen = torch.Generator().manual_seed(1000 + seed)
+    h = state["model.norm.weight"].shape[0]
+    norm = lambda: torch.rand(h, generator=gen) + 0.5  # noqa: E731
+    extra = {}
+    last = f"model.layers.{L - 1}."
+    for k in range(count):
+        p = f"model.layers.{L + k}."
+        for name, t in sorted(state.items()):
+            if not name.startswith(last):
+                continue
+            if t.dim() == 1:
+                new = torch.rand(t.shape, generator=gen) + 0.5 if "norm" in name else \
+                    torch.randn(t.shape, generator=gen) * 0.2
+            else:
+                new = torch.randn(t.shape, generator=gen) * t.float().std()
+            extra[p + name[len(last):]] = new.to(t.dtype)
+        dtype = state["model.norm.weight"].dtype
+        extra.update({p + "enorm.weight": norm().to(dtype), p + "hnorm.weight": norm().to(dtype),
+                      p + "eh_proj.weight": (torch.randn(h, 2 * h, generator=gen) * 0.05).to(dtype),
+                      p + "shared_head.norm.weight": norm().to(dtype),
+                      p + "embed_tokens.weight": state["model.embed_tokens.weight"].clone(),
+                      p + "shared_head.head.weight": state["lm_head.weight"].clone()})
+    save_file(extra, os.path.join(folder, "model-mtp.safetensors"), metadata={"format": "pt"})
+    index["weight_map"].update(dict.fromkeys(extra, "model-mtp.safetensors"))
+    index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + sum(
+        t.numel() * t.element_size() for t in extra.values())
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
 
 
 # LLaVA: a tiny CLIP tower (3 layers, 4 heads of 8, 32 x 32 images in 8 x 8 patches: 16 patches and a class

@@ -1,0 +1,62 @@
+"""Reference transform of multi-token-prediction layers, written from Megatron-Core's MultiTokenPredictionLayer
+and its state dicts (docs/mtp-facts.md), independently of the planner: whole HF tensors in, the MTP entries of
+the MTP stage's rank files / the torch_dist tensors out (added to reference_moe's)."""
+
+from __future__ import annotations
+
+import torch
+
+from reference import LOCAL_NAMES, _vocab, padded_vocab, tp_shard
+from reference_moe import MLA_ARCHS, layer, legacy_files, num_experts, torch_dist_tensors
+
+
+def _own(hf, p: str) -> dict[str, torch.Tensor]:
+    """enorm, hnorm, eh_proj ([enorm(embedding), hnorm(hidden)] -> hidden) and the final norm (HF shared_head.norm)."""
+    return {"enorm.weight": hf[p + "enorm.weight"], "hnorm.weight": hf[p + "hnorm.weight"],
+            "eh_proj.weight": hf[p + "eh_proj.weight"], "final_layernorm.weight": hf[p + "shared_head.norm.weight"]}
+
+
+def mtp_legacy_files(hf, config, tp: int, pp: int, ep: int, etp: int | None, impl: str,
+                     stage_sizes: list[int] | None = None) -> dict:
+    """reference_moe.legacy_files plus MTP layer 0 in the last stage's files: its own tensors, its transformer
+    layer as a decoder layer's, and (PP > 1) that stage's copy of the embedding."""
+    files = legacy_files(hf, config, tp, pp, ep, etp, impl, False, stage_sizes)
+    L, E, etp = config.num_hidden_layers, num_experts(config), etp or tp
+    per_ep, vocab = E // ep, padded_vocab(config.vocab_size, 128, tp)
+    for (r, p, k), containers in files.items():
+        if p != pp - 1:
+            continue
+        sd = containers["model"]
+        for name, value in _own(hf, f"model.layers.{L}.").items():
+            sd[f"mtp.layers.0.{name}"] = value.chunk(tp)[r] if name == "eh_proj.weight" else value
+        inner = "mtp.layers.0.transformer_layer."
+        for name, value in layer(hf, config, L).items():
+            if name.startswith("experts."):
+                module, param = name[len("experts."):].rsplit(".", 1)
+                for le in range(per_ep):
+                    sd[f"{inner}mlp.experts.local_experts.{le}.{module}.{param}"] = tp_shard(
+                        name, value[k * per_ep + le], etp, r % etp)
+            else:
+                sd[inner + (LOCAL_NAMES.get(name, name) if impl == "local" else name)] = tp_shard(name, value, tp, r, impl)
+        if pp > 1:
+            sd["embedding.word_embeddings.weight"] = _vocab(hf["model.embed_tokens.weight"], vocab).chunk(tp)[r]
+    return files
+
+
+def mtp_torch_dist_tensors(hf, config, tp: int, impl: str) -> dict[str, torch.Tensor]:
+    """reference_moe.torch_dist_tensors plus `mtp.layers.0.*`: keyed by MTP layer, experts on an axis."""
+    out = torch_dist_tensors(hf, config, tp, impl)
+    L, mla = config.num_hidden_layers, config.architectures[0] in MLA_ARCHS
+    for name, value in _own(hf, f"model.layers.{L}.").items():
+        out[f"mtp.layers.0.{name}"] = value
+    for name, value in layer(hf, config, L).items():
+        if name.startswith("experts."):
+            key, value = "mlp.experts.experts." + name[len("experts."):], torch.stack(value)
+        elif mla and impl == "local":
+            key = LOCAL_NAMES.get(name, name)
+        elif name == "pre_mlp_layernorm.weight" and impl == "local":
+            key = "mlp.linear_fc1.layer_norm_weight"
+        else:
+            key = name
+        out["mtp.layers.0.transformer_layer." + key] = value
+    return out

@@ -143,3 +143,29 @@ def tree_hashes(folder) -> dict:
                 with open(path, "rb") as f:
                     out[rel] = hashlib.sha256(f.read()).hexdigest()
     return out
+
+
+def edited_copy(model: str, folder, drop: tuple = (), **changes) -> str:
+    """A copy of the HF folder `model` at `folder` whose config.json lacks `drop` and has `changes`."""
+    import shutil
+
+    shutil.copytree(model, folder)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    for key in drop:
+        cfg.pop(key, None)
+    cfg.update(changes)
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    return str(folder)
+
+
+def plan_hf(folder: str, layout=None, world: int = 2):
+    """The plan of converting the HF folder at `layout` (default TP2) on `world` ranks: where refusals are raised."""
+    from dist_reshard.config.layout import TargetLayout
+    from dist_reshard.plan.planner import make_plan
+    from dist_reshard.source.hf_source import open_hf_folder
+
+    cfg, family, index = open_hf_folder(folder)
+    return make_plan(family, index, cfg, layout or TargetLayout(tp=2), world=world)

@@ -5,16 +5,14 @@ each back to the HF folder's bytes, and writes legacy TP2 under TE-spec names (n
 the local spec). The files equal an independent reference transform bit for bit. Variants Megatron-Core cannot
 express (or this table does not) are refused by name before anything is written."""
 
-import json
 import os
-import shutil
 from argparse import Namespace
 
 import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import assert_same_hf, load_hf_config, load_hf_state, mcore_check
+from conftest import assert_same_hf, edited_copy, load_hf_config, load_hf_state, mcore_check, plan_hf
 from dist_reshard.testing.tiny_models import build_model, save_model
 from reference import fused_qkv, padded_vocab
 
@@ -169,21 +167,10 @@ def test_nemotron_way_back_is_byte_identical(converted, model, fmt):
 ])
 def test_nemotron_variants_megatron_cannot_express_are_refused(model, tmp_path, changes, message):
     from dist_reshard.base.errors import ConversionError
-    from dist_reshard.source.hf_source import open_hf_folder
-    from dist_reshard.config.layout import TargetLayout
-    from dist_reshard.plan.planner import make_plan
 
-    folder = tmp_path / "hf"
-    shutil.copytree(model, folder)
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    cfg, family, index = open_hf_folder(str(folder))
+    folder = edited_copy(model, tmp_path / "hf", **changes)
     with pytest.raises(ConversionError, match=message):
-        make_plan(family, index, cfg, TargetLayout(tp=2), world=2)
+        plan_hf(folder)
 
 
 def _nemotron_args(**over) -> Namespace:

@@ -4,12 +4,10 @@ the HF logits, and converts each back to the HF folder's bytes; the files equal 
 fused HF tensors cut by plain slicing, then tests/reference.py's Llama transform) bit for bit. LongRoPE and
 partial rotary are refused by name before anything is written."""
 
-import json
-import os
 
 import pytest
 
-from conftest import assert_same_hf, load_hf_config, load_hf_state, mcore_check
+from conftest import assert_same_hf, edited_copy, load_hf_config, load_hf_state, mcore_check, plan_hf
 from dist_reshard.testing.tiny_models import build_model, save_model
 from test_convert_exact import check_legacy, check_torch_dist
 
@@ -71,22 +69,8 @@ def test_phi3_way_back_is_byte_identical(converted, model, fmt):
     (dict(partial_rotary_factor=0.75), "partial_rotary_factor = 0.75: not supported for Phi-3"),
 ])
 def test_phi3_longrope_and_partial_rotary_are_refused(model, tmp_path, changes, message):
-    import shutil
-
     from dist_reshard.base.errors import ConversionError
-    from dist_reshard.source.hf_source import open_hf_folder
-    from dist_reshard.config.layout import TargetLayout
-    from dist_reshard.plan.planner import make_plan
 
-    folder = tmp_path / "hf"
-    shutil.copytree(model, folder)
-    path = os.path.join(folder, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg.pop("rope_parameters", None)
-    cfg.update(dict(rope_theta=10000.0), **changes)
-    with open(path, "w") as f:
-        json.dump(cfg, f)
-    cfg, family, index = open_hf_folder(str(folder))
+    folder = edited_copy(model, tmp_path / "hf", drop=("rope_parameters",), **dict(dict(rope_theta=10000.0), **changes))
     with pytest.raises(ConversionError, match=message):
-        make_plan(family, index, cfg, TargetLayout(tp=2), world=2)
+        plan_hf(folder)

@@ -4,7 +4,6 @@ the HF logits, and converts each back to the HF folder's bytes; the files equal 
 fused HF tensors cut by plain slicing, then tests/reference.py's Llama transform) bit for bit. LongRoPE and
 partial rotary are refused by name before anything is written."""
 
-
 import pytest
 
 from conftest import assert_same_hf, edited_copy, load_hf_config, load_hf_state, mcore_check, plan_hf

@@ -154,18 +154,20 @@ MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qw
                "Qwen3ForCausalLM": "qwen3", "Phi3ForCausalLM": "phi3", "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
-               "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2"}
+               "Qwen3NextForCausalLM": "qwen3_next", "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2"}
 
 
 def _features(arch: str) -> tuple:
     """What an architecture's modules hold beyond a dense Llama: (q/k norms, experts, shared expert gate,
-    multi-latent attention, mamba mixers)."""
+    multi-latent attention, mamba mixers, gated DeltaNet layers)."""
+    if arch == "Qwen3NextForCausalLM":
+        return (True, True, True, False, False, True)
     return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
                      "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
             arch == "Qwen2MoeForCausalLM",
             arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
-            arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"))
+            arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"), False)
 
 
 def _glm_stated(args: Namespace, qk_norm: bool) -> bool:
@@ -183,6 +185,13 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
     A combination no family has is refused naming the arg. This project's own `hf_architecture` arg picks
     among families with the same modules (Llama or Mistral)."""
     qk_norm = bool(getattr(args, "qk_layernorm", False))
+    if facts.get("linear_layers"):  # experimental_attention_variant "gated_delta_net" (arch_args reads it so)
+        if not (facts.get("num_experts") and facts.get("shared_expert_ffn_hidden_size")
+                and getattr(args, "moe_shared_expert_gate", False) and qk_norm
+                and facts.get("router_score") == "softmax"):
+            raise ConversionError(f"{where}: gated DeltaNet args without Qwen3-Next's MoE (softmax router, gated "
+                                  f"shared expert) and q/k norms: no HF family has those modules")
+        return "Qwen3NextForCausalLM"
     if facts.get("layer_kinds"):
         kinds = set(facts["layer_kinds"])
         if "E" in kinds:

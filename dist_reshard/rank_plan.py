@@ -58,6 +58,7 @@ class Target(NamedTuple):  # a tuple: made once per tensor of every output file 
     # HF output of a fused expert tensor: planned as the per-expert tensors stacked, written as the file holds
     # it (`fused_experts.FusedTarget.stored_layout`).
     stored_layout: tuple | None = None
+    shift: float = 0.0  # added to every value once the tensor is whole (`Rule.shift`; its negative on the way back)
 
     @property
     def rows(self) -> int:
@@ -347,7 +348,8 @@ def _row_slices(offset: tuple, shape: tuple, pieces: tuple[Piece, ...], row_byte
 
 
 def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig,
-                   layout: TargetLayout, padded_vocab: int, max_chunk_bytes: int) -> list[tuple[tuple, Target]]:
+                   layout: TargetLayout, padded_vocab: int, max_chunk_bytes: int,
+                   from_hf: bool = True) -> list[tuple[tuple, Target]]:
     """(unit key, target) pairs; unit keys group targets into output files or DCP chunks.
 
     Legacy unit keys are (tp, pp, ep) rank files: every file of an EP group holds the same dense TP shard
@@ -385,7 +387,7 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
                        for k, rows, cols, dst_row in template)
         dtype = _output_dtype(layout, [index[n] for n in names], rule)
         target = Target(-1, -1, container, key, shape, dtype, pieces,
-                        lead=rule.unsqueeze)
+                        lead=rule.unsqueeze, shift=rule.shift if from_hf else 0.0)
         out.extend((unit_key, target) for unit_key in unit_keys)
 
     def add_dist(key, lead_offset, lead_shape, rule, names, tp):
@@ -411,7 +413,8 @@ def _build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
                 for offset, shape, pieces in _row_slices(b.offset, b.shape, b.pieces, row_bytes, max_chunk_bytes):
                     goff = lead_offset + (offset[0] - first,) + offset[1:]
                     out.append(((k, goff), Target(-1, -1, None, k, ones + shape, dtype, pieces,
-                                                  lead_shape + sub_full, goff, len(lead_offset))))
+                                                  lead_shape + sub_full, goff, len(lead_offset),
+                                                  shift=rule.shift if from_hf else 0.0)))
 
     for rule in rules:
         if rule.tied_to and cfg.tie_word_embeddings:
@@ -706,8 +709,14 @@ def kept_dtypes(family: Family, cfg: ModelConfig) -> set[str]:
     return {n for r in family.rules if r.keep_dtype for i, e in instances(r, cfg) for n in r.hf_names(i, e, cfg)}
 
 
+def shifted(family: Family, cfg: ModelConfig) -> dict[str, float]:
+    """HF tensors whose values Megatron holds shifted (`Rule.shift`), by the shift."""
+    return {n: r.shift for r in family.rules if r.shift for i, e in instances(r, cfg) for n in r.hf_names(i, e, cfg)}
+
+
 def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
-                     kept: set[str] = frozenset(), fused: tuple = ()) -> tuple[list, list[str]]:
+                     kept: set[str] = frozenset(), fused: tuple = (),
+                     shifts: dict[str, float] | None = None) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
     than that gets a file of its own), as save_pretrained does. Per-expert tensors of a family's fused
     expert tensors (`fused`, see fused_experts.py) are written as the fused tensors."""
@@ -727,7 +736,7 @@ def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
             t = logical[n]
             pieces, shape, layout_kw = (Piece(n, (0, t.rows), None, 0),), t.shape, {}
         dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept else t.dtype
-        target = Target(-1, -1, None, n, shape, dtype, pieces, **layout_kw)
+        target = Target(-1, -1, None, n, shape, dtype, pieces, **layout_kw, shift=-(shifts or {}).get(n, 0.0))
         if files[-1] and size + target.nbytes > layout.max_shard_bytes:
             files.append([])
             size = 0
@@ -768,12 +777,13 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
         family.check_layout(layout, cfg)
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused)
+        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused,
+                                           shifted(family, cfg))
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         max_chunk = layout.max_chunk_bytes or max(
             AUTO_MIN_CHUNK_BYTES, sum(t.data_bytes for t in index.values()) // (16 * world))
-        pairs = _build_targets(family, index, cfg, layout, padded_vocab, max_chunk)
+        pairs = _build_targets(family, index, cfg, layout, padded_vocab, max_chunk, from_hf=source is None)
         path_of = (lambda key: layout.legacy_file(*key)) if layout.ckpt_format == "torch" else (lambda key: None)
     if skip_paths:
         pairs = [(k, t) for k, t in pairs if path_of(k) not in skip_paths]
@@ -794,7 +804,7 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
             nbytes = sizes[id(t)] = t.nbytes
         unit_bytes[u] += nbytes
         targets.append(Target(len(targets), u, t.container, t.key, t.shape, t.dtype, t.pieces, t.global_shape,
-                              t.global_offset, t.lead, t.stored_layout))  # not _replace: runs once per target
+                              t.global_offset, t.lead, t.stored_layout, t.shift))  # not _replace: once per target
     first_target: dict[int, Target] = {}
     for t in targets:
         first_target.setdefault(t.unit, t)

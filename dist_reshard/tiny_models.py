@@ -74,6 +74,15 @@ OWN_SUITE_VARIANTS = {
     "deepseek_v2_lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(
         _DEEPSEEK, q_lora_rank=None, topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
         routed_scaling_factor=1.0)),
+    # Qwen3-Next: gated DeltaNet layers (2 key heads of 8, 4 value heads of 8, so TP2 splits whole key-head
+    # groups of 2 value heads) and gated attention (8 heads of 16 in 4 groups, rotary on a quarter of each head)
+    # alternating from layer 0, 4 routed experts (top 2) with a gated shared expert; layer 2 is dense
+    # (mlp_only_layers) so both MLP kinds meet both mixers.
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=[2], linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4, full_attention_interval=2,
+        rope_theta=10000.0, tie_word_embeddings=False)),
 }
 
 # Mamba hybrids, kept apart from VARIANTS (the GPT-family suites iterate over those): 8 mamba heads of 16 in

@@ -85,8 +85,6 @@ class Qwen3Next(Family):
         if not cfg.num_experts or not cfg.shared_expert_ffn_hidden_size:
             raise ConversionError("config.json: Qwen3-Next without routed experts and a shared expert "
                                   "(num_experts, shared_expert_intermediate_size) is not supported")
-        if any(not cfg.is_moe_layer(i) for i in range(cfg.num_layers)) and cfg.ffn_hidden_size <= 0:
-            raise ConversionError("config.json: dense layers without intermediate_size")
 
     def check_layout(self, layout, cfg) -> None:
         if layout.transformer_impl == "local":

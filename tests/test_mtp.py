@@ -8,8 +8,6 @@ HF's; each output equals the reference transform bit for bit and converts back t
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch

@@ -86,6 +86,35 @@ def _always(_) -> bool:
     return True
 
 
+def _gdn(cfg) -> bool:  # Qwen3-Next: gated DeltaNet layers, gated attention, zero-centred norms
+    return cfg.gated_delta_net
+
+
+def _gdn_args(args) -> bool:
+    return _get(args, ("experimental_attention_variant",), None) == "gated_delta_net"
+
+
+def _not_gdn(cfg) -> bool:
+    return not cfg.gated_delta_net
+
+
+def _not_gdn_args(args) -> bool:
+    return not _gdn_args(args)
+
+
+def _linear_layers_read(freq, args):
+    """Megatron's `linear_attention_freq`: a per-layer list (1 = linear attention) or N (every N-th layer, counting
+    from 1, is softmax attention)."""
+    layers = args.num_layers
+    if isinstance(freq, (list, tuple)):
+        if len(freq) != layers:
+            raise ConversionError(f"args.linear_attention_freq has {len(freq)} entries for {layers} layers")
+        return tuple(bool(x) for x in freq)
+    if isinstance(freq, bool) or not isinstance(freq, int) or freq < 1:
+        raise ConversionError(f"args.linear_attention_freq = {freq!r} is not a positive integer or a per-layer list")
+    return tuple((i + 1) % freq != 0 for i in range(layers))
+
+
 @dataclass(frozen=True)
 class Arg:
     """Fact `fact` as Megatron arg `names[0]` (older releases: `names[1:]`). `write`: the arg from the config
@@ -196,6 +225,9 @@ _LN1P = (_layernorm_1p, _layernorm_1p_args)
 _RMSNORM = (lambda c: not _layernorm_1p(c), lambda a: not _layernorm_1p_args(a))
 _SWIGLU = (lambda c: _gpt(c) and not _layernorm_1p(c), lambda a: _gpt_args(a) and not _layernorm_1p_args(a))
 _SQUARED_RELU = (lambda c: _mamba(c) or _layernorm_1p(c), lambda a: _mamba_args(a) or _layernorm_1p_args(a))
+_GDN, _NOT_GDN = (_gdn, _gdn_args), (_not_gdn, _not_gdn_args)
+_RMSNORM_NOT_GDN = (lambda c: not _layernorm_1p(c) and _not_gdn(c),
+                    lambda a: not _layernorm_1p_args(a) and _not_gdn_args(a))
 
 ROWS: tuple[Arg, ...] = (
     Arg("num_layers", ("num_layers",)),
@@ -270,6 +302,14 @@ ROWS: tuple[Arg, ...] = (
     Arg("mamba_num_heads", ("mamba_num_heads",), read=lambda v, a: v or 2 * a.hidden_size // _get(
         a, ("mamba_head_dim",), 64), on=_MAMBA),
     Arg("mamba_conv_kernel", ("mamba_conv_kernel",), default=4, on=_MAMBA),
+    # Qwen3-Next's gated DeltaNet layers (Megatron-Core's experimental_attention_variant "gated_delta_net").
+    Arg("linear_layers", ("linear_attention_freq",), write=lambda c: [int(x) for x in c.linear_layers],
+        read=_linear_layers_read, on=_GDN),
+    Arg("linear_num_key_heads", ("linear_num_key_heads",), default=16, on=_GDN),
+    Arg("linear_num_value_heads", ("linear_num_value_heads",), default=32, on=_GDN),
+    Arg("linear_key_head_dim", ("linear_key_head_dim",), default=128, on=_GDN),
+    Arg("linear_value_head_dim", ("linear_value_head_dim",), default=128, on=_GDN),
+    Arg("linear_conv_kernel", ("linear_conv_kernel_dim",), default=4, on=_GDN),
 )
 
 
@@ -291,7 +331,7 @@ FIXED: tuple[Fixed, ...] = (
     Fixed(("normalization",), "RMSNorm", "LayerNorm", "the HF families but Nemotron-4 use RMSNorm (Nemotron-4: "
           "LayerNorm with --apply-layernorm-1p and --squared-relu)", on=_RMSNORM),
     Fixed(("layernorm_zero_centered_gamma", "apply_layernorm_1p"), False, False, "HF's RMSNorm scales by the weight "
-          "itself, not 1 + weight", on=_RMSNORM),
+          "itself, not 1 + weight", on=_RMSNORM_NOT_GDN),
     Fixed(("apply_residual_connection_post_layernorm",), False, False, "HF's residual is taken before the norm"),
     Fixed(("add_bias_linear",), False, True, "the HF families have no biases on linear layers (only q/k/v biases, "
           "--add-qkv-bias)"),
@@ -314,10 +354,14 @@ FIXED: tuple[Fixed, ...] = (
     Fixed(("no_rope_freq",), None, None, "the HF families rotate in every layer"),
     Fixed(("window_attn_skip_freq",), None, None, "the HF families use one attention window for every layer"),
     Fixed(("qk_l2_norm",), False, False, "the HF families do not L2-normalise q and k"),
-    Fixed(("attention_output_gate",), False, False, "the HF families have no attention output gate"),
+    Fixed(("attention_output_gate",), False, False, "the HF families have no attention output gate", on=_NOT_GDN),
+    Fixed(("attention_output_gate",), True, False, "Qwen3-Next's attention gates its output", on=_GDN),
     Fixed(("softmax_type",), "vanilla", "vanilla", "the HF families use a plain softmax"),
-    Fixed(("experimental_attention_variant",), None, None, "the HF families use plain attention"),
-    Fixed(("linear_attention_freq",), None, None, "the HF GPT families have no linear-attention layers"),
+    Fixed(("experimental_attention_variant",), None, None, "the HF families use plain attention", on=_NOT_GDN),
+    Fixed(("experimental_attention_variant",), "gated_delta_net", None, "Qwen3-Next's linear attention is the gated "
+          "DeltaNet", on=_GDN),
+    Fixed(("linear_attention_freq",), None, None, "the HF GPT families have no linear-attention layers",
+          on=_NOT_GDN),
     Fixed(("heterogeneous_layers_config_path",), None, None, "the HF families have identical layers"),
     Fixed(("heterogeneous_layers_config_encoded_json",), None, None, "the HF families have identical layers"),
     Fixed(("moe_latent_size",), None, None, "the HF MoE families have no latent expert projection"),

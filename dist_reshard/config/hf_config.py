@@ -83,6 +83,35 @@ class ModelConfig:
     # counted from an HF folder's tensors (hf_source), since transformers writes `num_nextn_predict_layers` 1
     # into configs whose checkpoints have none; 0 from config.json alone.
     mtp_layers: int = 0
+    # Qwen3-Next: linear_layers[i] says whether layer i is a gated DeltaNet (linear attention) layer, else
+    # gated softmax attention; the DeltaNet's key/value heads, their sizes and its depthwise conv width. Empty
+    # for every other family (their attention is plain, their norms scale by the weight itself).
+    linear_layers: tuple[bool, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 0
+
+    @property
+    def gated_delta_net(self) -> bool:
+        return bool(self.linear_layers)
+
+    def mixer_kind(self, layer: int) -> str:
+        """A layer's token mixer, as family rules select it (`Rule.mixer`): "linear" or "attention"."""
+        return "linear" if self.linear_layers and self.linear_layers[layer] else "attention"
+
+    @property
+    def linear_qkvz_parts(self) -> tuple[int, ...]:
+        """Megatron's gated DeltaNet in_proj sections: query, key, value, z, beta, alpha."""
+        qk = self.linear_num_key_heads * self.linear_key_head_dim
+        v = self.linear_num_value_heads * self.linear_value_head_dim
+        return (qk, qk, v, v, self.linear_num_value_heads, self.linear_num_value_heads)
+
+    @property
+    def linear_conv_parts(self) -> tuple[int, ...]:
+        """Channel sections of the gated DeltaNet's depthwise conv1d: query, key, value."""
+        return self.linear_qkvz_parts[:3]
 
     def hf_layer(self, layer: int) -> int:
         return self.hf_layers[layer] if self.hf_layers else layer
@@ -122,7 +151,7 @@ class ModelConfig:
         """Every layer has the same modules (all dense or all MoE): Megatron's torch_dist then stacks the
         layers on a leading axis; otherwise it keys each layer `decoder.layers.{g}.`. Megatron's MambaStack
         always keys each layer, whatever its pattern."""
-        if self.hybrid:
+        if self.hybrid or self.gated_delta_net:
             return False
         return len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
 
@@ -248,6 +277,7 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         **moe,
         **mla,
         **hybrid,
+        **_linear_attention_fields(cfg, path, num_layers),
     )
 
 
@@ -259,6 +289,28 @@ def _nemotron_fields(cfg: dict, path: str) -> dict:
     return dict(normalization="LayerNorm", layernorm_zero_centered_gamma=True,
                 squared_relu=cfg.get("hidden_act", "relu2") == "relu2", norm_epsilon=_float(cfg, "norm_eps", path, 1e-5),
                 rotary_percent=0.5)
+def _linear_attention_fields(cfg: dict, path: str, num_layers: int) -> dict:
+    """Qwen3-Next's gated DeltaNet layers: `layer_types` (transformers 5) or, in older configs,
+    `full_attention_interval` N (layer i is full attention iff (i + 1) % N == 0)."""
+    if cfg.get("model_type") != "qwen3_next":
+        return {}
+    types = cfg.get("layer_types")
+    if types is None:
+        n = _int(cfg, "full_attention_interval", path, default=4)
+        types = ["full_attention" if (i + 1) % n == 0 else "linear_attention" for i in range(num_layers)]
+    if not isinstance(types, list) or len(types) != num_layers:
+        raise ConversionError(f"{path}: field 'layer_types' = {types!r} is not a list of {num_layers} layer types")
+    unknown = [t for t in types if t not in ("linear_attention", "full_attention")]
+    if unknown:
+        raise ConversionError(f"{path}: layer_types holds {unknown[0]!r}; Qwen3-Next layers are linear_attention "
+                              f"or full_attention")
+    # Its RMSNorms (all but the DeltaNet's gated output norm, which its rule shifts) scale by 1 + weight.
+    return dict(layernorm_zero_centered_gamma=True, linear_layers=tuple(t == "linear_attention" for t in types),
+                linear_num_key_heads=_int(cfg, "linear_num_key_heads", path),
+                linear_num_value_heads=_int(cfg, "linear_num_value_heads", path),
+                linear_key_head_dim=_int(cfg, "linear_key_head_dim", path),
+                linear_value_head_dim=_int(cfg, "linear_value_head_dim", path),
+                linear_conv_kernel=_int(cfg, "linear_conv_kernel_dim", path))
 
 
 def _attention_bias(cfg: dict) -> bool:
@@ -379,7 +431,8 @@ MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qw
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
-               "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2", "NemotronForCausalLM": "nemotron"}
+               "Qwen3NextForCausalLM": "qwen3_next", "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2",
+               "NemotronForCausalLM": "nemotron"}
 
 HYBRID_MODEL_TYPES = ("nemotron_h", "mamba2")
 _NEMOTRON_H_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",

@@ -70,6 +70,11 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
         out.update(q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
                    qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                    v_head_dim=cfg.v_head_dim, rope_interleave=True)
+    if cfg.gated_delta_net:
+        out.update(layer_types=["linear_attention" if x else "full_attention" for x in cfg.linear_layers],
+                   linear_num_key_heads=cfg.linear_num_key_heads, linear_num_value_heads=cfg.linear_num_value_heads,
+                   linear_key_head_dim=cfg.linear_key_head_dim, linear_value_head_dim=cfg.linear_value_head_dim,
+                   linear_conv_kernel_dim=cfg.linear_conv_kernel)
     if not cfg.num_experts:
         return out
     dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]

@@ -31,6 +31,13 @@ class Kind(Enum):
     QKV = "qkv"
     GLU = "glu"  # gate and up halves, each split on dim 0, concatenated per TP rank
     PARTS = "parts"  # row sections of one tensor (`Rule.parts`), each split on dim 0, concatenated per TP rank
+    # QKV with an attention output gate (`attention_output_gate`): HF's q_proj holds [q_h; gate_h] per head, Megatron
+    # holds per query group [its q heads; their gates; k; v], split on dim 0 by whole groups.
+    GATED_QKV = "gated_qkv"
+    # A gated DeltaNet's in_proj: HF holds [q; k; v; z] per key-head group (`in_proj_qkvz`) and [b; a] per group
+    # (`in_proj_ba`); Megatron the sections [q; k; v; z; beta; alpha] (`ModelConfig.linear_qkvz_parts`), each split
+    # on dim 0 by whole key-head groups and concatenated per TP rank.
+    GDN_IN_PROJ = "gdn_in_proj"
 
 
 @dataclass(frozen=True)
@@ -64,6 +71,10 @@ class Rule:
     # The copy of that Megatron tensor's HF tensor an MTP layer stores (its embedding, its head): Megatron
     # shares the main one, so HF -> Megatron checks the copy equals it and the way back writes it again.
     shared_with: str | None = None
+    mixer: str = "all"  # which layers hold it by token mixer: "all" or a `ModelConfig.mixer_kind` ("linear", "attention")
+    # Added to the values on the way to Megatron (subtracted on the way back): Qwen3-Next's gated DeltaNet norm
+    # scales by its weight, Megatron's zero-centred norm by 1 + weight.
+    shift: float = 0.0
 
     @property
     def per_layer(self) -> bool:
@@ -81,7 +92,8 @@ class Rule:
     def applies(self, cfg: ModelConfig, layer: int) -> bool:
         # Megatron builds its MTP layers with the last decoder layer's spec (get_gpt_mtp_block_spec).
         kind = cfg.layer_kind(cfg.num_layers - 1 if self.mtp else layer)
-        return self.where == "all" or kind == self.where
+        return (self.where == "all" or kind == self.where) and (
+            self.mixer == "all" or cfg.mixer_kind(layer) == self.mixer)
 
     def kind_for(self, transformer_impl: str) -> Kind:
         return self.local_kind if (transformer_impl == "local" and self.local_kind) else self.kind
@@ -285,6 +297,34 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
                              (Piece(names[0], (start + r * n, start + (r + 1) * n), None, 0),)))
             start += n_rows
         return out
+    if kind is Kind.GATED_QKV:
+        ng, d, qpg = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group
+        groups = _split(ng, tp, "num_query_groups (key/value heads)")
+        pieces, row = [], 0
+        for g in range(r * groups, (r + 1) * groups):
+            heads = range(g * qpg, (g + 1) * qpg)
+            spans = [(names[0], h * 2 * d) for h in heads] + [(names[0], h * 2 * d + d) for h in heads] + \
+                [(names[1], g * d), (names[2], g * d)]
+            for src, lo in spans:
+                pieces.append(Piece(src, (lo, lo + d), None, row))
+                row += d
+        return [Block((r * row,) + (0,) * len(full_width), (row,) + full_width, tuple(pieces))]
+    if kind is Kind.GDN_IN_PROJ:
+        nk, dk, dv = cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        per_key = cfg.linear_num_value_heads // nk  # value heads per key head
+        groups = _split(nk, tp, "linear_num_key_heads")
+        qkvz = 2 * dk + 2 * per_key * dv  # rows of one key-head group in in_proj_qkvz
+        # (tensor, first row within a group, rows per group, rows of a group) of q, k, v, z, beta, alpha
+        sections = ((names[0], 0, dk, qkvz), (names[0], dk, dk, qkvz), (names[0], 2 * dk, per_key * dv, qkvz),
+                    (names[0], 2 * dk + per_key * dv, per_key * dv, qkvz),
+                    (names[1], 0, per_key, 2 * per_key), (names[1], per_key, per_key, 2 * per_key))
+        out, start = [], 0
+        for src, base, n, stride in sections:
+            pieces = tuple(Piece(src, (g * stride + base, g * stride + base + n), None, k * n)
+                           for k, g in enumerate(range(r * groups, (r + 1) * groups)))
+            out.append(Block((start + r * groups * n,) + (0,) * len(full_width), (groups * n,) + full_width, pieces))
+            start += nk * n
+        return out
     if kind is Kind.QKV:
         ng, d, qpg = cfg.num_query_groups, cfg.kv_channels, cfg.heads_per_group
         groups = _split(ng, tp, "num_query_groups (key/value heads)")
@@ -320,6 +360,8 @@ def hf_shapes(rule: Rule, cfg: ModelConfig) -> list[tuple[int, ...]]:
         return [(q,) + tail, (kv,) + tail, (kv,) + tail] if len(rule.hf) == 3 else [(q + 2 * kv,) + tail]
     if rule.kind is Kind.GLU:
         return [(f, h), (f, h)]
+    if rule.kind is Kind.GATED_QKV:
+        return [(2 * q, h), (kv, h), (kv, h)]
     if rule.kind is Kind.ROW:
         return [(h, q)] if "linear_proj" in name else [(h, f)]
     if "q_layernorm" in name or "k_layernorm" in name:
@@ -335,6 +377,6 @@ def full_shape(kind: Kind, shapes: list[tuple[int, ...]], padded_vocab: int) -> 
     """Shape of the whole Megatron tensor (what torch_dist stores, before the layer axis)."""
     if kind is Kind.VOCAB:
         return (padded_vocab,) + shapes[0][1:]
-    if kind in (Kind.QKV, Kind.GLU):
+    if kind in (Kind.QKV, Kind.GLU, Kind.GATED_QKV, Kind.GDN_IN_PROJ):
         return (sum(s[0] for s in shapes),) + shapes[0][1:]
     return shapes[0]

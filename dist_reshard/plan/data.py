@@ -56,6 +56,7 @@ class Target(NamedTuple):  # a tuple: made once per tensor of every output file 
     # HF output of a fused expert tensor: planned as the per-expert tensors stacked, written as the file holds
     # it (`fused_experts.FusedTarget.stored_layout`).
     stored_layout: tuple | None = None
+    shift: float = 0.0  # added to every value once the tensor is whole (`Rule.shift`; its negative on the way back)
 
     @property
     def rows(self) -> int:

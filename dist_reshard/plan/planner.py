@@ -14,7 +14,7 @@ from ..families.mapping import Family
 from ..formats.safetensors_index import SourceTensor
 from ..source import zero_tensors
 from .data import DEFAULT_BUCKET_BYTES, DEFAULT_MAX_ITEM_BYTES, Plan, Target, WriteUnit
-from .targets import build_hf_targets, build_targets, kept_dtypes, translate_pieces
+from .targets import build_hf_targets, build_targets, kept_dtypes, shifted, translate_pieces
 from .reads import plan_reads
 from .buckets import plan_buckets
 
@@ -82,12 +82,13 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
     zeros_left_out = len(zeros & index.keys()) if source is None else 0
     padded_vocab = layout.padded_vocab(cfg.vocab_size)
     if layout.ckpt_format == "hf":
-        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused, zeros)
+        pairs, hf_paths = build_hf_targets(index, cfg, layout, kept_dtypes(family, cfg), family.fused, zeros,
+                                           shifted(family, cfg))
         path_of = lambda key: hf_paths[key[0]]  # noqa: E731
     else:
         max_chunk = layout.max_chunk_bytes or max(
             AUTO_MIN_CHUNK_BYTES, sum(t.data_bytes for t in index.values()) // (16 * world))
-        pairs = build_targets(family, index, cfg, layout, padded_vocab, max_chunk)
+        pairs = build_targets(family, index, cfg, layout, padded_vocab, max_chunk, from_hf=source is None)
         path_of = (lambda key: layout.legacy_file(*key)) if layout.ckpt_format == "torch" else (lambda key: None)
     if skip_paths:
         pairs = [(k, t) for k, t in pairs if path_of(k) not in skip_paths]
@@ -108,7 +109,7 @@ def _make_plan(family, index, cfg, layout, world, bucket_bytes, max_item_bytes, 
             nbytes = sizes[id(t)] = t.nbytes
         unit_bytes[u] += nbytes
         targets.append(Target(len(targets), u, t.container, t.key, t.shape, t.dtype, t.pieces, t.global_shape,
-                              t.global_offset, t.lead, t.stored_layout))  # not _replace: runs once per target
+                              t.global_offset, t.lead, t.stored_layout, t.shift))  # not _replace: once per target
     first_target: dict[int, Target] = {}
     for t in targets:
         first_target.setdefault(t.unit, t)

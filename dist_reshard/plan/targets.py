@@ -107,7 +107,8 @@ def _row_slices(offset: tuple, shape: tuple, pieces: tuple[Piece, ...], row_byte
 
 
 def build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConfig,
-                   layout: TargetLayout, padded_vocab: int, max_chunk_bytes: int) -> list[tuple[tuple, Target]]:
+                  layout: TargetLayout, padded_vocab: int, max_chunk_bytes: int,
+                  from_hf: bool = True) -> list[tuple[tuple, Target]]:
     """(unit key, target) pairs; unit keys group targets into output files or DCP chunks.
 
     Legacy unit keys are (tp, pp, ep) rank files: every file of an EP group holds the same dense TP shard
@@ -145,7 +146,7 @@ def build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConf
                        for k, rows, cols, dst_row in template)
         dtype = _output_dtype(layout, [index[n] for n in names], rule)
         target = Target(-1, -1, container, key, shape, dtype, pieces,
-                        lead=rule.unsqueeze)
+                        lead=rule.unsqueeze, shift=rule.shift if from_hf else 0.0)
         out.extend((unit_key, target) for unit_key in unit_keys)
 
     def add_dist(key, lead_offset, lead_shape, rule, names, tp):
@@ -171,7 +172,8 @@ def build_targets(family: Family, index: dict[str, SourceTensor], cfg: ModelConf
                 for offset, shape, pieces in _row_slices(b.offset, b.shape, b.pieces, row_bytes, max_chunk_bytes):
                     goff = lead_offset + (offset[0] - first,) + offset[1:]
                     out.append(((k, goff), Target(-1, -1, None, k, ones + shape, dtype, pieces,
-                                                  lead_shape + sub_full, goff, len(lead_offset))))
+                                                  lead_shape + sub_full, goff, len(lead_offset),
+                                                  shift=rule.shift if from_hf else 0.0)))
 
     for rule in rules:
         if rule.home == "mtp" and not (legacy and layout.mtp_stage() != (0, 0)):
@@ -261,8 +263,14 @@ def kept_dtypes(family: Family, cfg: ModelConfig) -> set[str]:
     return {n for r in family.rules if r.keep_dtype for i, e in instances(r, cfg) for n in r.hf_names(i, e, cfg)}
 
 
+def shifted(family: Family, cfg: ModelConfig) -> dict[str, float]:
+    """HF tensors whose values Megatron holds shifted (`Rule.shift`), by the shift."""
+    return {n: r.shift for r in family.rules if r.shift for i, e in instances(r, cfg) for n in r.hf_names(i, e, cfg)}
+
+
 def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
-                     kept: set[str] = frozenset(), fused: tuple = (), zeros=frozenset()) -> tuple[list, list[str]]:
+                     kept: set[str] = frozenset(), fused: tuple = (), zeros=frozenset(),
+                     shifts: dict[str, float] | None = None) -> tuple[list, list[str]]:
     """HF tensors in state-dict order, packed into shard files of at most max_shard_bytes (a tensor larger
     than that gets a file of its own), as save_pretrained does. Per-expert tensors of a family's fused
     expert tensors (`fused`, see fused_experts.py) are written as the fused tensors; `zeros` (no Megatron
@@ -283,7 +291,7 @@ def build_hf_targets(logical: dict[str, SourceTensor], cfg: ModelConfig, layout,
             t = logical[n]
             pieces, shape, layout_kw = (Piece(None if n in zeros else n, (0, t.rows), None, 0),), t.shape, {}
         dtype = DTYPES[layout.dtype] if layout.dtype and n not in kept and n not in zeros else t.dtype
-        target = Target(-1, -1, None, n, shape, dtype, pieces, **layout_kw)
+        target = Target(-1, -1, None, n, shape, dtype, pieces, **layout_kw, shift=-(shifts or {}).get(n, 0.0))
         if files[-1] and size + target.nbytes > layout.max_shard_bytes:
             files.append([])
             size = 0

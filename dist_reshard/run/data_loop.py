@@ -117,6 +117,12 @@ def _units_due(view: RankPlan) -> dict[int, list]:
     return due
 
 
+def _shift(t, tensor: torch.Tensor) -> None:
+    """A whole target's values moved by its `shift` in place: computed in float32, rounded once to its dtype."""
+    if t.shift:
+        tensor.copy_(tensor.float() + t.shift)
+
+
 def _take_containers(view: RankPlan, unit, tensors: dict[int, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """A unit's tensors by legacy container, removed from `tensors` (freed once the file is written)."""
     containers: dict[str, dict[str, torch.Tensor]] = {}
@@ -125,6 +131,7 @@ def _take_containers(view: RankPlan, unit, tensors: dict[int, torch.Tensor]) -> 
             tensor = tensors.pop(t.index)
             if t.stored_layout is not None:  # a fused HF expert tensor, planned as its experts stacked
                 tensor = to_stored_layout(tensor, t.stored_layout)
+            _shift(t, tensor)
             containers.setdefault(t.container, {})[t.key] = tensor
     return containers
 
@@ -348,6 +355,9 @@ def move_data(opts: Options, plan: Plan, view: RankPlan, cfg, family, index, sta
     if opts.layout.ckpt_format == "torch_dist" and not done:
         try:
             everything_spliced = [sp for unit in splices.values() for sp in unit]  # one DCP file per rank
+            for t in view.targets:
+                if t.index in tensors:
+                    _shift(t, tensors[t.index])
             torch_dist.save(folder, plan, me, tensors, torch_dist.common_state(args), save_id=key,
                             splices=everything_spliced)
             report.bytes_read += report.bytes_read_in_place  # the copies read the source in the kernel

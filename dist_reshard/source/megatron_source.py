@@ -158,14 +158,16 @@ def _gpt_oss_config(args, facts, stored, where, vocab_size) -> ModelConfig:
 
 def _features(arch: str) -> tuple:
     """What an architecture's modules hold beyond a dense Llama: (q/k norms, experts, shared expert gate,
-    multi-latent attention, mamba mixers, LayerNorms with a bias and an ungated MLP)."""
+    multi-latent attention, mamba mixers, LayerNorms with a bias and an ungated MLP, gated DeltaNet layers)."""
+    if arch == "Qwen3NextForCausalLM":
+        return (True, True, True, False, False, False, True)
     return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
                      "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM", "Ernie4_5_MoeForCausalLM"),
             arch == "Qwen2MoeForCausalLM",
             arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM"),
             arch in ("NemotronHForCausalLM", "Mamba2ForCausalLM"),
-            arch == "NemotronForCausalLM")
+            arch == "NemotronForCausalLM", False)
 
 
 def _glm_stated(args: Namespace, qk_norm: bool) -> bool:
@@ -184,6 +186,13 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
     A combination no family has is refused naming the arg. This project's own `hf_architecture` arg picks
     among families with the same modules (Llama or Mistral)."""
     qk_norm = bool(getattr(args, "qk_layernorm", False))
+    if facts.get("linear_layers"):  # experimental_attention_variant "gated_delta_net" (arch_args reads it so)
+        if not (facts.get("num_experts") and facts.get("shared_expert_ffn_hidden_size")
+                and getattr(args, "moe_shared_expert_gate", False) and qk_norm
+                and facts.get("router_score") == "softmax"):
+            raise ConversionError(f"{where}: gated DeltaNet args without Qwen3-Next's MoE (softmax router, gated "
+                                  f"shared expert) and q/k norms: no HF family has those modules")
+        return "Qwen3NextForCausalLM"
     beyond = next((n for n in ("layer_kinds", "kv_lora_rank", "num_experts") if facts.get(n)), None)
     if facts.get("normalization", "RMSNorm") != "RMSNorm" and beyond:
         raise ConversionError(f"{where}: args.normalization = {facts['normalization']!r} with {beyond} "

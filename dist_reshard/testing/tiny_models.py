@@ -90,6 +90,15 @@ OWN_SUITE_VARIANTS = {
     # Multi-token prediction: DeepSeek-V3 and GLM-4.5 declaring one MTP layer after the decoder (written by
     # `save_model(..., mtp_layers=1)` as their published checkpoints store it; transformers has no module for it).
     "deepseek_v3_mtp": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(_DEEPSEEK, num_nextn_predict_layers=1)),
+    # Qwen3-Next: gated DeltaNet layers (2 key heads of 8, 4 value heads of 8, so TP2 splits whole key-head
+    # groups of 2 value heads) and gated attention (8 heads of 16 in 4 groups, rotary on a quarter of each head)
+    # alternating from layer 0, 4 routed experts (top 2) with a gated shared expert; layer 2 is dense
+    # (mlp_only_layers) so both MLP kinds meet both mixers.
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(
+        head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=[2], linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4, full_attention_interval=2,
+        rope_theta=10000.0, tie_word_embeddings=False)),
 }
 ZERO_BIAS_VARIANTS = ("ernie4_5_moe",)
 OWN_SUITE_VARIANTS["glm4_moe_mtp"] = (*OWN_SUITE_VARIANTS["glm4_moe"][:2], dict(OWN_SUITE_VARIANTS["glm4_moe"][2],

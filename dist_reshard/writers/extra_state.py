@@ -13,8 +13,9 @@ import re
 # Grouped-GEMM experts keep one `_extra_state` per module beside `weight0`, `weight1`, ...
 _LINEAR = re.compile(r"^(?P<module>.*\.(linear_qkv|linear_proj|linear_fc1|linear_fc2|linear_q_proj|linear_q_down_proj"
                      r"|linear_q_up_proj|linear_kv_down_proj|linear_kv_up_proj|mixer\.in_proj|mixer\.out_proj"
-                     r"|eh_proj)"
-                     r"|(?:.*\.)?output_layer)\.weight(\d*|\.(z|x|B|C|dt))$")  # Mamba's in_proj: per section in torch_dist
+                     r"|eh_proj|self_attention\.in_proj|self_attention\.out_proj)"
+                     r"|(?:.*\.)?output_layer)\.weight(\d*|\.(z|x|B|C|dt|query|key|value|beta|alpha))$")
+# (Mamba's and the gated DeltaNet's in_proj: per section in torch_dist)
 
 
 def linear_modules(keys) -> list[str]:

@@ -26,7 +26,7 @@ MIN_ROW_BLOCK_BYTES = 1024
 def _geometry(t, src, target: Target):
     """(source bytes per row, bytes per row block, block's byte offset in a source row, target bytes per
     row, block's byte offset in a target row), or None when the transfer's bytes change on the way."""
-    if target.dtype != src.dtype or src.stored_dtype is not None:
+    if target.dtype != src.dtype or src.stored_dtype is not None or target.shift:
         return None
     itemsize = DTYPE_SIZES[src.dtype]
     src_row = src.row_bytes

@@ -1,0 +1,133 @@
+"""Qwen3-Next (`Qwen3NextForCausalLM`): one 4-rank torchrun job converts a tiny seeded model (gated DeltaNet and
+gated attention layers alternating, routed experts with a gated shared expert, one dense layer) to legacy
+TP2 x PP2 x EP2 and torch_dist TP2 x EP2, loads each into Megatron-Core's real Qwen3-Next GPTModel on CPU
+(tests/qwen3_next_cpu.py) with the HF logits, and converts each back to the HF folder's bytes; the files equal
+an independent reference transform (tests/reference_qwen3_next.py) bit for bit."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from conftest import assert_same_hf, load_hf_config, load_hf_state, torchrun
+from dist_reshard.base.errors import ConversionError
+from dist_reshard.config.layout import TargetLayout
+from dist_reshard.testing.tiny_models import build_model, save_model
+from reference_qwen3_next import full_megatron, torch_dist_tensors, tp_shard
+from test_gpt_oss import _edit_config, _plan
+from test_moe import _assert_bitwise
+
+CASES = [dict(format="torch", tp=2, pp=2, ep=2, etp=1), dict(format="torch_dist", tp=2, pp=1, ep=2, etp=1)]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return save_model(build_model("qwen3_next", seed=47), str(tmp_path_factory.mktemp("hf") / "qwen3_next"))
+
+
+@pytest.fixture(scope="module")
+def converted(model, tmp_path_factory):
+    work = tmp_path_factory.mktemp("qwen3_next_out")
+    cases = [dict(c, load=model, save=str(work / c["format"]), back=str(work / f"{c['format']}-back")) for c in CASES]
+    path, out = str(work / "cases.json"), str(work / "results.json")
+    with open(path, "w") as f:
+        json.dump(cases, f)
+    torchrun(4, "tests/workers/qwen3_next_check.py", path, out, timeout=900)
+    with open(out) as f:
+        return {r["format"]: r for r in json.load(f)}
+
+
+def test_qwen3_next_megatron_logits_match_hf(converted):
+    for fmt, result in converted.items():
+        print(fmt, result["rel_diff"])
+        assert result["rel_diff"] <= 1e-4, (fmt, result["rel_diff"])
+
+
+def test_qwen3_next_legacy_files_equal_reference(converted):
+    case = converted["torch"]
+    hf, config = load_hf_state(case["load"]), load_hf_config(case["load"])
+    full = full_megatron(hf, config, case["tp"])
+    per_stage, per_ep = config.num_hidden_layers // case["pp"], config.num_experts // case["ep"]
+    root, seen = os.path.join(case["save"], "iter_0000001"), set()
+    for r in range(case["tp"]):
+        for p in range(case["pp"]):
+            for k in range(case["ep"]):
+                sd = torch.load(os.path.join(root, f"mp_rank_{r:02d}_{p:03d}_{k:03d}", "model_optim_rng.pt"),
+                                weights_only=False)
+                assert sd["checkpoint_version"] == 3.0
+                for key, t in sd["model"].items():
+                    if key.endswith("._extra_state"):
+                        assert t is None
+                        continue
+                    parts = key.split(".")
+                    if key.startswith("decoder.layers."):
+                        parts[2] = str(p * per_stage + int(parts[2]))
+                    if "local_experts" in parts:
+                        at = parts.index("local_experts") + 1
+                        parts[at] = str(k * per_ep + int(parts[at]))
+                    name = ".".join(parts)
+                    _assert_bitwise(t, tp_shard(name, full[name], config, case["tp"], r), f"{r}/{p}/{k}: {key}")
+                    seen.add(name)
+    assert seen == set(full)
+
+
+def test_qwen3_next_torch_dist_equals_reference(converted, tmp_path):
+    case = converted["torch_dist"]
+    hf, config = load_hf_state(case["load"]), load_hf_config(case["load"])
+    flat = str(tmp_path / "flat.pt")
+    dcp_to_torch_save(os.path.join(case["save"], "iter_0000001"), flat)
+    got = torch.load(flat, weights_only=False)
+    tensors = {k: v for k, v in got.items() if isinstance(v, torch.Tensor)}
+    expected = torch_dist_tensors(full_megatron(hf, config, case["tp"]), config)
+    assert sorted(tensors) == sorted(expected)
+    for k, v in expected.items():
+        _assert_bitwise(tensors[k], v, k)
+    assert "decoder.layers.0.self_attention.in_proj._extra_state/shard_0_1" in got
+    assert "decoder.layers.0.self_attention.out_proj._extra_state/shard_0_1" in got
+
+
+def test_qwen3_next_args(converted):
+    sd = torch.load(os.path.join(converted["torch"]["save"], "iter_0000001", "mp_rank_00_000_000",
+                                 "model_optim_rng.pt"), weights_only=False)
+    a = sd["args"]
+    assert a.experimental_attention_variant == "gated_delta_net" and a.linear_attention_freq == [1, 0, 1, 0]
+    assert a.layernorm_zero_centered_gamma and a.apply_layernorm_1p and a.attention_output_gate and a.qk_layernorm
+    assert (a.linear_num_key_heads, a.linear_num_value_heads, a.linear_key_head_dim, a.linear_value_head_dim,
+            a.linear_conv_kernel_dim) == (2, 4, 8, 8, 4)
+    assert a.rotary_percent == 0.25 and a.moe_shared_expert_gate and a.moe_layer_freq == [1, 1, 0, 1]
+    # Without this project's stored HF config the args alone still name the family and rebuild its config.
+    from dist_reshard.config.hf_export import hf_fields
+    from dist_reshard.source.megatron_source import config_from_args
+
+    del a.hf_architecture, a.hf_config
+    cfg = config_from_args(a, "args")
+    assert cfg.architecture == "Qwen3NextForCausalLM"
+    fields = hf_fields(cfg)
+    assert fields["layer_types"] == load_hf_config(converted["torch"]["load"]).layer_types
+    assert fields["partial_rotary_factor"] == 0.25 and fields["mlp_only_layers"] == [2]
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_qwen3_next_way_back_is_byte_identical(converted, model, fmt):
+    assert_same_hf(model, converted[fmt]["back"])
+
+
+@pytest.mark.parametrize("changes, layout, message", [
+    (dict(attention_bias=True), None, "attention_bias = true"),
+    (dict(hidden_act="gelu"), None, "hidden_act 'gelu'"),
+    (dict(linear_num_value_heads=3), None, "linear_num_value_heads 3 is not a multiple of linear_num_key_heads 2"),
+    (dict(layer_types=["linear_attention", "sliding_attention", "linear_attention", "full_attention"]), None,
+     "layer_types holds 'sliding_attention'"),
+    ({}, TargetLayout(tp=2, ep=2, etp=1, transformer_impl="local"), "--transformer-impl local"),
+    (dict(linear_num_key_heads=1, linear_num_value_heads=4), TargetLayout(tp=2, ep=2, etp=1),
+     "--tp 2 does not divide linear_num_key_heads 1"),
+])
+def test_qwen3_next_variants_megatron_cannot_express_are_refused(model, tmp_path, changes, layout, message):
+    folder = tmp_path / "hf"
+    shutil.copytree(model, folder)
+    _edit_config(folder, **changes)
+    with pytest.raises(ConversionError, match=message):
+        _plan(folder, layout)

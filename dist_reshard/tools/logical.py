@@ -18,6 +18,7 @@ from ..base.errors import ConversionError
 from ..read.decode import read_rows
 from ..source.hf_source import open_hf_folder
 from ..plan.data import IGNORED_SUFFIXES
+from ..plan.targets import shifted
 from ..read.reader import RangeReader
 from ..formats.safe_pickle import load_tensor_blob
 from ..base.dtypes import TORCH_DTYPES
@@ -66,6 +67,7 @@ class MegatronCheckpoint:
 
         self.path = path
         self.source = open_source(path)
+        self._shifts = shifted(self.source.family, self.source.config)
         self.format = self.source.format
         self.config = self.source.config
         self.family = self.source.family.name
@@ -103,6 +105,9 @@ class MegatronCheckpoint:
             if c.cols is not None:
                 dst = dst[:, c.cols[0]:c.cols[1]]
             dst.copy_(self._rows(c.stored, (c.stored_row, c.stored_row + n)))
+        shift = self._shifts.get(name)
+        if shift:  # Megatron holds it shifted (`Rule.shift`): the HF values, as the way back writes them
+            out.copy_(out.float() - shift)
         return out
 
     def stored(self) -> list[tuple[str, str, tuple, int]]:

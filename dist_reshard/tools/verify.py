@@ -68,6 +68,8 @@ def _expected(target: Target, index, reader: RangeReader) -> torch.Tensor:
         if p.cols is not None:
             values = values[:, p.cols[0]:p.cols[1]]
         rows_view[p.dst_row:p.dst_row + p.nrows].copy_(values)
+    if target.shift:  # as the writers apply it: in float32 once the tensor is whole, rounded once
+        out.copy_(out.float() + target.shift)
     return out
 
 

@@ -33,6 +33,8 @@ def mamba_config(args: Namespace, cpu: bool):
         params_dtype=torch.float32, pipeline_dtype=torch.float32,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=getattr(args, "decoder_first_pipeline_num_layers", None),
+        num_layers_in_last_pipeline_stage=getattr(args, "decoder_last_pipeline_num_layers", None),
         apply_rope_fusion=False,
         **{k: getattr(args, k) for k in ("mamba_state_dim", "mamba_head_dim", "mamba_num_groups", "mamba_num_heads")
            if getattr(args, k, None)},

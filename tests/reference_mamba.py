@@ -81,18 +81,23 @@ def _globals(hf, config, tp: int):
     return first, layers, last
 
 
-def legacy_files(hf, config, tp: int, pp: int) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
-    """{(tp_rank, pp_rank): the `model` tensors of that rank file}; layers split evenly over the stages."""
+def legacy_files(hf, config, tp: int, pp: int, first_stage: int | None = None
+                 ) -> dict[tuple[int, int], dict[str, torch.Tensor]]:
+    """{(tp_rank, pp_rank): the `model` tensors of that rank file}; layers split evenly over the stages, or
+    `first_stage` layers on the first and the rest evenly over the others (--decoder-first-pipeline-num-layers)."""
     first, layers, last = _globals(hf, config, tp)
-    per = len(layers) // pp
+    if first_stage is None:
+        counts = [len(layers) // pp] * pp
+    else:
+        counts = [first_stage] + [(len(layers) - first_stage) // (pp - 1)] * (pp - 1)
     out = {}
     for r in range(tp):
         for p in range(pp):
             sd = {}
             if p == 0:
                 sd.update({k: _shard(k, v, config, tp, r) for k, v in first.items()})
-            for j in range(per):
-                for k, v in layers[p * per + j].items():
+            for j in range(counts[p]):
+                for k, v in layers[sum(counts[:p]) + j].items():
                     sd[f"decoder.layers.{j}.{k}"] = _shard(k, v, config, tp, r)
             if p == pp - 1:
                 sd.update({k: _shard(k, v, config, tp, r) for k, v in last.items()})

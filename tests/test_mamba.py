@@ -32,7 +32,9 @@ from reference_mamba import pattern as hybrid_pattern
 LAYOUTS = {"tp2pp2-torch": dict(tp=2, pp=2, format="torch"),
            "tp2-torch_dist": dict(tp=2, pp=1, format="torch_dist", whole_chunk_bytes=0),
            "whole-torch_dist": dict(tp=2, pp=1, format="torch_dist"),
-           "tp2-torch": dict(tp=2, pp=1, format="torch")}
+           "tp2-torch": dict(tp=2, pp=1, format="torch"),
+           # Uneven: MambaStack takes --decoder-first-pipeline-num-layers (num_layers_in_first_pipeline_stage).
+           "pp2-first2-torch": dict(tp=1, pp=2, format="torch", first=2)}
 # (name, source layout name, target layout): Megatron -> Megatron
 RESHARDS = {"tp2pp2-torch-to-tp1-torch_dist": ("tp2pp2-torch", dict(tp=1, pp=1, format="torch_dist")),
             "tp2-torch_dist-to-pp2-torch": ("tp2-torch_dist", dict(tp=1, pp=2, format="torch")),
@@ -113,6 +115,8 @@ def _gpt_hybrid_cases(root, out):
              layer_pattern=GPT_PATTERNS["llama3"]),
         dict(load=out["llama3"], save=gh("llama3-tp2-torch_dist"), tp=2, pp=1, format="torch_dist",
              layer_pattern=GPT_PATTERNS["llama3"]),
+        dict(load=out["llama3"], save=gh("llama3-pp2-first2-torch"), tp=1, pp=2, format="torch", first=2,
+             layer_pattern=GPT_PATTERNS["llama3"]),
         dict(src="mcore", dst="hf", load=gh("llama3-tp2pp2-torch"), save=gh("llama3-tp2pp2-torch-hf")),
         dict(src="mcore", load=gh("llama3-tp2-torch_dist"), save=gh("llama3-back-to-gpt-pp2-torch"), tp=1, pp=2,
              format="torch", layer_pattern="gpt"),
@@ -128,9 +132,9 @@ def _assert_bitwise(actual, expected, what):
     assert torch.equal(actual.contiguous().view(torch.uint8), expected.contiguous().view(torch.uint8)), what
 
 
-def _check_legacy(folder, hf_folder, tp, pp):
+def _check_legacy(folder, hf_folder, tp, pp, first_stage=None):
     hf, config = load_hf_state(hf_folder), load_hf_config(hf_folder)
-    expected = legacy_files(hf, config, tp, pp)
+    expected = legacy_files(hf, config, tp, pp, first_stage)
     for (r, p), want in expected.items():
         name = f"mp_rank_{r:02d}" + (f"_{p:03d}" if pp > 1 else "")
         sd = torch.load(os.path.join(folder, "iter_0000001", name, "model_optim_rng.pt"), weights_only=False)
@@ -166,6 +170,7 @@ def test_bit_exact_against_reference(converted, variant, tmp_path):
     hf = converted[variant]
     _check_legacy(converted[f"{variant}-tp2pp2-torch"], hf, 2, 2)
     _check_legacy(converted[f"{variant}-tp2-torch"], hf, 2, 1)
+    _check_legacy(converted[f"{variant}-pp2-first2-torch"], hf, 1, 2, first_stage=2)
     _check_torch_dist(converted[f"{variant}-tp2-torch_dist"], hf, 2, tmp_path)
     _check_torch_dist(converted[f"{variant}-whole-torch_dist"], hf, 2, tmp_path)
     # Megatron -> Megatron: TP2xPP2 legacy -> TP1 torch_dist -> TP2xPP2 legacy again, torch_dist TP2 -> PP2.
@@ -207,6 +212,10 @@ def mamba_loads(converted, tmp_path_factory):
         cases += [
             dict(tag=v, convert=False, save=converted[f"{v}-tp2-torch"], format="torch", tp=2, pp=1),
             dict(tag=v, convert=False, save=converted[f"{v}-tp2-torch_dist-to-pp2-torch"], format="torch", tp=1, pp=2),
+            dict(tag=v, convert=False, save=converted[f"{v}-pp2-first2-torch"], format="torch", tp=1, pp=2),
+            # torch_dist written even, loaded into the uneven split: the uneven legacy files' tensors exactly
+            dict(tag=v, convert=False, save=converted[f"{v}-tp2-torch_dist"], format="torch_dist", tp=2, pp=1,
+                 load_tp=1, load_pp=2, load_first=2, legacy=converted[f"{v}-pp2-first2-torch"]),
             dict(tag=v, convert=False, save=converted[f"{v}-tp2-torch_dist"], format="torch_dist", tp=2, pp=1,
                  legacy=converted[f"{v}-tp2-torch"]),
             dict(tag=v, convert=False, save=converted[f"{v}-tp2-torch_dist"], format="torch_dist", tp=2, pp=1,
@@ -221,6 +230,12 @@ def mamba_loads(converted, tmp_path_factory):
                    pp=1, hf=converted["llama3"]),
               dict(tag="gpt", convert=False, save=converted["gpt-llama3-tp2-torch_dist"], format="torch_dist", tp=2,
                    pp=1, load_tp=1, load_pp=2, hf=converted["llama3"]),
+              # uneven (2 | 6 of the pattern's 8 layers): written so, and torch_dist written even loaded so
+              dict(tag="gpt", convert=False, save=converted["gpt-llama3-pp2-first2-torch"], format="torch", tp=1,
+                   pp=2, hf=converted["llama3"]),
+              dict(tag="gpt", convert=False, save=converted["gpt-llama3-tp2-torch_dist"], format="torch_dist", tp=2,
+                   pp=1, load_tp=1, load_pp=2, load_first=2, hf=converted["llama3"],
+                   legacy=converted["gpt-llama3-pp2-first2-torch"]),
               dict(tag="gpt", convert=False, save=converted["gpt-qwen2-tp2-torch"], format="torch", tp=2, pp=1,
                    hf=converted["qwen2"])]
     root = tmp_path_factory.mktemp("mamba_loads")
@@ -241,7 +256,7 @@ def mamba_loads(converted, tmp_path_factory):
 def test_megatron_mamba_model_loads(mamba_loads, variant):
     """Megatron-Core's MambaModel (real MambaStack and MambaMixer) takes every converted tensor: strict loads of
     legacy files, dist_checkpointing loads of torch_dist at TP2 and PP2, equal to the legacy shards."""
-    assert len(mamba_loads[variant]) == 12
+    assert len(mamba_loads[variant]) == 16
     for r in mamba_loads[variant]:
         assert r["differ"] == [], (r["save"], r["rank"], r["differ"][:5])
         assert any(".mixer.in_proj.weight" in k for k in r["keys"]), r["save"]
@@ -266,6 +281,9 @@ def _plan(raw, **layout):
     (_NEMOTRON, dict(pp=2, vpp=3), "--vpp 3: Megatron-Core's MambaModel has no virtual pipeline stages"),
     (_NEMOTRON, dict(transformer_impl="local"), "--transformer-impl local: Megatron-Core's MambaModel has only"),
     (_NEMOTRON, dict(pp=4), "--pp 4: num_hidden_layers = 6 is not divisible into 4 equal pipeline chunks"),
+    (_NEMOTRON, dict(pp=2, embedding_in_split=True), "--account-for-embedding-in-pipeline-split: not supported for "
+     "Megatron-Core's MambaModel, whose MambaStack splits its layers by --decoder-first/last-pipeline-num-layers"),
+    (_NEMOTRON, dict(pp=2, stage_layout="E*-M|-M*L"), "not supported for Megatron-Core's MambaModel"),
     (dict(_NEMOTRON, hybrid_override_pattern="M*E-"), {}, "layer 2 is a mixture-of-experts layer ('E'"),
     (dict(_NEMOTRON, hybrid_override_pattern="M*X-"), {}, "hybrid layer symbol 'X' is not one of"),
     (dict(_NEMOTRON, mlp_hidden_act="silu"), {}, "mlp_hidden_act 'silu': only relu2 (Megatron's squared_relu)"),
@@ -376,7 +394,7 @@ def test_gpt_as_hybrid_bit_exact(converted, tmp_path):
 
 def test_gpt_as_hybrid_runs_in_megatron_mamba_model(mamba_loads):
     """Without mamba layers MambaModel runs forward on CPU: its logits equal the HF model's."""
-    assert len(mamba_loads["gpt"]) == 6
+    assert len(mamba_loads["gpt"]) == 10
     for r in mamba_loads["gpt"]:
         assert r["rel_diff"] is not None and r["rel_diff"] <= 1e-4, (r["save"], r["rel_diff"])
 

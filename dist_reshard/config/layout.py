@@ -120,10 +120,14 @@ class TargetLayout:
         if cfg.num_attention_heads % cfg.num_query_groups:
             raise ConversionError(f"config.json: num_attention_heads {cfg.num_attention_heads} is not a multiple "
                                   f"of num_key_value_heads {cfg.num_query_groups}")
-        if self.uneven and (cfg.hybrid or self.legacy_gpt):
-            what = ("Megatron-Core's MambaModel splits its stack by hybrid_override_pattern" if cfg.hybrid else
-                    "the pre-Megatron-Core GPT model (--dst legacy) splits layers evenly")
-            raise ConversionError(f"{self.pipeline_flags}: not supported here; {what}")
+        if cfg.hybrid and (self.embedding_in_split or self.loss_in_split or self.stage_layout is not None):
+            # MambaStack._select_layers_for_pipeline_parallel reads num_layers_in_first/last_pipeline_stage and
+            # nothing else, while its attention layers would take the accounted stages into their offsets.
+            raise ConversionError(f"{self.pipeline_flags}: not supported for Megatron-Core's MambaModel, whose "
+                                  f"MambaStack splits its layers by --decoder-first/last-pipeline-num-layers only")
+        if self.uneven and self.legacy_gpt:
+            raise ConversionError(f"{self.pipeline_flags}: not supported here; the pre-Megatron-Core GPT model "
+                                  f"(--dst legacy) splits layers evenly")
         counts = self.chunk_layers(cfg.num_layers)  # refuses what Megatron-Core refuses
         self._validate_mtp(cfg)
         holders = {(0, 0), (self.pp - 1, self.chunks - 1)} | ({self.mtp_stage()} if cfg.mtp_layers else set())

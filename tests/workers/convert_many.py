@@ -25,7 +25,8 @@ if __name__ == "__main__":
                                   ep=case.get("ep", 1), etp=case.get("etp"),
                                   moe_grouped_gemm=case.get("grouped", False),
                                   whole_chunk_bytes=case.get("whole_chunk_bytes", TargetLayout.whole_chunk_bytes),
-                                  max_chunk_bytes=case.get("max_chunk_bytes"))
+                                  max_chunk_bytes=case.get("max_chunk_bytes"), first_stage_layers=case.get("first"),
+                                  last_stage_layers=case.get("last"))
             if case.get("dst") == "legacy":  # pre-Megatron-Core GPT names (as launch.py sets them)
                 layout = dataclasses.replace(layout, ckpt_format="torch", transformer_impl="local", legacy_gpt=True)
         job = run(Options(load=case["load"], save=case["save"], layout=layout, overwrite=True,

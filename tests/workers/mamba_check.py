@@ -50,6 +50,7 @@ if __name__ == "__main__":
         else:
             args = torch.load(os.path.join(folder, "common.pt"), weights_only=False)["args"]
             args.tensor_model_parallel_size, args.pipeline_model_parallel_size = ltp, lpp
+            args.decoder_first_pipeline_num_layers = case.get("load_first")  # an uneven split, or even
             args.padded_vocab_size = padded_vocab_size(args.true_vocab_size, args.make_vocab_size_divisible_by, ltp)
             model = build_mamba_model(args)
             mcore_cpu.load_torch_dist([model], folder)

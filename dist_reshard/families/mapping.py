@@ -294,7 +294,7 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
     if kind is Kind.PARTS:
         out, start, src, base = [], 0, 0, 0  # base: the first row of the current HF tensor in the whole tensor
         for n_rows in parts:
-            if start - base == shapes[src][0]:
+            if src + 1 < len(names) and start - base == shapes[src][0]:
                 src, base = src + 1, start
             n = _split(n_rows, tp, f"a {n_rows}-row section of {names[src]}")
             lo = start - base + r * n

@@ -1,7 +1,7 @@
-"""An independent Qwen3-Next -> Megatron-Core transform for checking the converter bit for bit.
+"""An independent Qwen3-Next / Qwen3.5 -> Megatron-Core transform for checking the converter bit for bit.
 
 Whole tensors with torch ops on the HF state dict (views per head and group, splits, cats), written from
-transformers' modeling_qwen3_next.py and Megatron-Core 0.16.1's gated_delta_net.py / attention.py, never from
+transformers' modeling_qwen3_next.py / modeling_qwen3_5.py and Megatron-Core 0.16.1's gated_delta_net.py / attention.py, never from
 the family table: `full_megatron` gives every Megatron tensor whole under its global key; `tp_shard` cuts one the
 way Megatron's TP ranks hold it; `torch_dist_tensors` keys them as Megatron's sharded state dict does.
 """
@@ -49,6 +49,11 @@ def gated_qkv(q_proj, k, v, config) -> torch.Tensor:
                      dim=1).reshape(-1, h)
 
 
+def _dense(config, i: int) -> bool:
+    """Qwen3.5's config has no experts (dense) or no mlp_only_layers (all MoE)."""
+    return not getattr(config, "num_experts", 0) or i in getattr(config, "mlp_only_layers", [])
+
+
 def full_megatron(hf: dict, config, tp: int) -> dict[str, torch.Tensor]:
     """Every Megatron tensor whole, under `decoder.layers.<global layer>.` and `local_experts.<global expert>.`."""
     pv = padded_vocab(config.vocab_size, 128, tp)
@@ -64,8 +69,12 @@ def full_megatron(hf: dict, config, tp: int) -> dict[str, torch.Tensor]:
         if kind == "linear_attention":
             la = p + "linear_attn."
             out[m + "self_attention.in_proj.layer_norm_weight"] = hf[p + "input_layernorm.weight"]
-            out[m + "self_attention.in_proj.weight"] = gdn_in_proj(hf[la + "in_proj_qkvz.weight"],
-                                                                   hf[la + "in_proj_ba.weight"], config)
+            if la + "in_proj_qkvz.weight" in hf:
+                out[m + "self_attention.in_proj.weight"] = gdn_in_proj(hf[la + "in_proj_qkvz.weight"],
+                                                                       hf[la + "in_proj_ba.weight"], config)
+            else:  # Qwen3.5: [q; k; v], z, b, a flat, as Megatron's sections
+                out[m + "self_attention.in_proj.weight"] = torch.cat(
+                    [hf[la + f"in_proj_{n}.weight"] for n in ("qkv", "z", "b", "a")])
             for name in ("conv1d.weight", "A_log", "dt_bias", "out_proj.weight"):
                 out[m + "self_attention." + name] = hf[la + name]
             # HF scales by the weight, Megatron's zero-centred norm by 1 + weight.
@@ -79,7 +88,7 @@ def full_megatron(hf: dict, config, tp: int) -> dict[str, torch.Tensor]:
             out[m + "self_attention.q_layernorm.weight"] = hf[sa + "q_norm.weight"]
             out[m + "self_attention.k_layernorm.weight"] = hf[sa + "k_norm.weight"]
             out[m + "self_attention.linear_proj.weight"] = hf[sa + "o_proj.weight"]
-        if i in config.mlp_only_layers:
+        if _dense(config, i):
             out[m + "mlp.linear_fc1.layer_norm_weight"] = hf[p + "post_attention_layernorm.weight"]
             out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
             out[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]

@@ -1,8 +1,10 @@
-"""Qwen3-Next (`Qwen3NextForCausalLM`): one 4-rank torchrun job converts a tiny seeded model (gated DeltaNet and
-gated attention layers alternating, routed experts with a gated shared expert, one dense layer) to legacy
-TP2 x PP2 x EP2 and torch_dist TP2 x EP2, loads each into Megatron-Core's real Qwen3-Next GPTModel on CPU
-(tests/qwen3_next_cpu.py) with the HF logits, and converts each back to the HF folder's bytes; the files equal
-an independent reference transform (tests/reference_qwen3_next.py) bit for bit."""
+"""Qwen3-Next (`Qwen3NextForCausalLM`) and Qwen3.5 (`Qwen3_5ForCausalLM`, `Qwen3_5MoeForCausalLM`): one 4-rank
+torchrun job converts a tiny seeded model of each (gated DeltaNet and gated attention layers alternating; Qwen3-Next:
+routed experts with a gated shared expert, one dense layer; Qwen3.5: its split DeltaNet input projections, dense
+MLPs or experts in every layer) to legacy TP2 x PP2 (x EP2) and torch_dist TP2 x EP2 (dense: TP2 x PP2), loads
+each into Megatron-Core's real gated-DeltaNet GPTModel on CPU (tests/qwen3_next_cpu.py) with the HF logits, and
+converts each back to the HF folder's bytes; the files equal an independent reference transform
+(tests/reference_qwen3_next.py) bit for bit."""
 
 import json
 import os
@@ -21,43 +23,56 @@ from reference_qwen3_next import full_megatron, torch_dist_tensors, tp_shard
 from test_gpt_oss import _edit_config, _plan
 from test_moe import _assert_bitwise
 
-CASES = [dict(format="torch", tp=2, pp=2, ep=2, etp=1), dict(format="torch_dist", tp=2, pp=1, ep=2, etp=1)]
+MOE_CASES = [dict(format="torch", tp=2, pp=2, ep=2, etp=1), dict(format="torch_dist", tp=2, pp=1, ep=2, etp=1)]
+DENSE_CASES = [dict(format=f, tp=2, pp=2, ep=1, etp=None) for f in ("torch", "torch_dist")]
+MODELS = {"qwen3_next": MOE_CASES, "qwen3_5": DENSE_CASES, "qwen3_5_moe": MOE_CASES}
+CONVERTED = [(m, fmt) for m in MODELS for fmt in ("torch", "torch_dist")]
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return save_model(build_model("qwen3_next", seed=47), str(tmp_path_factory.mktemp("hf") / "qwen3_next"))
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {m: save_model(build_model(m, seed=47), str(root / m)) for m in MODELS}
 
 
 @pytest.fixture(scope="module")
-def converted(model, tmp_path_factory):
+def model(models):
+    return models["qwen3_next"]
+
+
+@pytest.fixture(scope="module")
+def converted(models, tmp_path_factory):
     work = tmp_path_factory.mktemp("qwen3_next_out")
-    cases = [dict(c, load=model, save=str(work / c["format"]), back=str(work / f"{c['format']}-back")) for c in CASES]
+    cases = [dict(c, model=m, load=models[m], save=str(work / m / c["format"]),
+                  back=str(work / m / f"{c['format']}-back")) for m, model_cases in MODELS.items() for c in model_cases]
     path, out = str(work / "cases.json"), str(work / "results.json")
     with open(path, "w") as f:
         json.dump(cases, f)
     torchrun(4, "tests/workers/qwen3_next_check.py", path, out, timeout=900)
     with open(out) as f:
-        return {r["format"]: r for r in json.load(f)}
+        return {(r["model"], r["format"]): r for r in json.load(f)}
 
 
 def test_qwen3_next_megatron_logits_match_hf(converted):
-    for fmt, result in converted.items():
-        print(fmt, result["rel_diff"])
-        assert result["rel_diff"] <= 1e-4, (fmt, result["rel_diff"])
+    assert sorted(converted) == sorted(CONVERTED)
+    for key, result in converted.items():
+        print(key, result["rel_diff"])
+        assert result["rel_diff"] <= 1e-4, (key, result["rel_diff"])
 
 
-def test_qwen3_next_legacy_files_equal_reference(converted):
-    case = converted["torch"]
+@pytest.mark.parametrize("name", list(MODELS))
+def test_qwen3_next_legacy_files_equal_reference(converted, name):
+    case = converted[name, "torch"]
     hf, config = load_hf_state(case["load"]), load_hf_config(case["load"])
     full = full_megatron(hf, config, case["tp"])
-    per_stage, per_ep = config.num_hidden_layers // case["pp"], config.num_experts // case["ep"]
+    per_stage, per_ep = config.num_hidden_layers // case["pp"], getattr(config, "num_experts", 0) // case["ep"]
     root, seen = os.path.join(case["save"], "iter_0000001"), set()
     for r in range(case["tp"]):
         for p in range(case["pp"]):
             for k in range(case["ep"]):
-                sd = torch.load(os.path.join(root, f"mp_rank_{r:02d}_{p:03d}_{k:03d}", "model_optim_rng.pt"),
-                                weights_only=False)
+                rank = f"mp_rank_{r:02d}" + (f"_{p:03d}" if case["pp"] > 1 else "") + (
+                    f"_{k:03d}" if case["ep"] > 1 else "")
+                sd = torch.load(os.path.join(root, rank, "model_optim_rng.pt"), weights_only=False)
                 assert sd["checkpoint_version"] == 3.0
                 for key, t in sd["model"].items():
                     if key.endswith("._extra_state"):
@@ -75,8 +90,9 @@ def test_qwen3_next_legacy_files_equal_reference(converted):
     assert seen == set(full)
 
 
-def test_qwen3_next_torch_dist_equals_reference(converted, tmp_path):
-    case = converted["torch_dist"]
+@pytest.mark.parametrize("name", list(MODELS))
+def test_qwen3_next_torch_dist_equals_reference(converted, tmp_path, name):
+    case = converted[name, "torch_dist"]
     hf, config = load_hf_state(case["load"]), load_hf_config(case["load"])
     flat = str(tmp_path / "flat.pt")
     dcp_to_torch_save(os.path.join(case["save"], "iter_0000001"), flat)
@@ -91,7 +107,7 @@ def test_qwen3_next_torch_dist_equals_reference(converted, tmp_path):
 
 
 def test_qwen3_next_args(converted):
-    sd = torch.load(os.path.join(converted["torch"]["save"], "iter_0000001", "mp_rank_00_000_000",
+    sd = torch.load(os.path.join(converted["qwen3_next", "torch"]["save"], "iter_0000001", "mp_rank_00_000_000",
                                  "model_optim_rng.pt"), weights_only=False)
     a = sd["args"]
     assert a.experimental_attention_variant == "gated_delta_net" and a.linear_attention_freq == [1, 0, 1, 0]
@@ -107,13 +123,13 @@ def test_qwen3_next_args(converted):
     cfg = config_from_args(a, "args")
     assert cfg.architecture == "Qwen3NextForCausalLM"
     fields = hf_fields(cfg)
-    assert fields["layer_types"] == load_hf_config(converted["torch"]["load"]).layer_types
+    assert fields["layer_types"] == load_hf_config(converted["qwen3_next", "torch"]["load"]).layer_types
     assert fields["partial_rotary_factor"] == 0.25 and fields["mlp_only_layers"] == [2]
 
 
-@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
-def test_qwen3_next_way_back_is_byte_identical(converted, model, fmt):
-    assert_same_hf(model, converted[fmt]["back"])
+@pytest.mark.parametrize("name, fmt", CONVERTED)
+def test_qwen3_next_way_back_is_byte_identical(converted, models, name, fmt):
+    assert_same_hf(models[name], converted[name, fmt]["back"])
 
 
 @pytest.mark.parametrize("changes, layout, message", [
@@ -144,7 +160,7 @@ def test_qwen3_next_verify_and_compare_see_the_shifted_norm_as_hf(converted, mod
     from conftest import ROOT
 
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    save = converted[fmt]["save"]
+    save = converted["qwen3_next", fmt]["save"]
     verify = subprocess.run([sys.executable, "-m", "dist_reshard.verify", save, "--against", model], env=env,
                             capture_output=True, text=True, timeout=300)
     assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
@@ -153,3 +169,48 @@ def test_qwen3_next_verify_and_compare_see_the_shifted_norm_as_hf(converted, mod
     assert compare.returncode == 0 and re.search(r"^0 of \d+ tensors differ$", compare.stdout, re.M), \
         compare.stdout[-2000:] + compare.stderr[-2000:]
     assert "linear_attn.norm.weight max_abs_diff=0" in compare.stdout  # the shifted tensors are compared
+
+
+@pytest.mark.parametrize("name, derived", [("qwen3_5", "Qwen3_5ForCausalLM"), ("qwen3_5_moe", "Qwen3NextForCausalLM")])
+def test_qwen3_5_args_name_the_family_and_rebuild_its_config(converted, name, derived):
+    """Megatron-LM's args alone: a dense gated DeltaNet model is Qwen3.5; with experts the modules are Qwen3-Next's
+    and Qwen3.5-MoE's alike, and this project's args.hf_architecture picks. Either way the rebuilt config.json
+    states the same facts, under fields transformers' config class takes."""
+    from transformers import AutoConfig
+
+    from dist_reshard.config.hf_config import config_from_dict
+    from dist_reshard.config.hf_export import hf_fields
+    from dist_reshard.source.megatron_source import config_from_args, differing_facts
+
+    case = converted[name, "torch"]
+    rank = "mp_rank_00_000" + ("_000" if case["ep"] > 1 else "")
+    a = torch.load(os.path.join(case["save"], "iter_0000001", rank, "model_optim_rng.pt"), weights_only=False)["args"]
+    assert a.experimental_attention_variant == "gated_delta_net" and a.linear_attention_freq == [1, 0, 1, 0]
+    assert a.rotary_percent == 0.25 and a.layernorm_zero_centered_gamma and a.attention_output_gate
+    source = config_from_dict(json.load(open(os.path.join(case["load"], "config.json"))))
+    del a.hf_config
+    kept = config_from_args(a, "args")
+    assert kept.architecture == source.architecture and not differing_facts(kept, source)
+    del a.hf_architecture
+    assert config_from_args(a, "args").architecture == derived
+    fields = hf_fields(kept)
+    assert not differing_facts(config_from_dict(fields), source)
+    hf = AutoConfig.for_model(**{k: v for k, v in fields.items() if k != "architectures"})
+    assert (hf.layer_types, hf.linear_num_value_heads) == (source.raw["layer_types"], 4)
+
+
+@pytest.mark.parametrize("name, changes, layout, message", [
+    ("qwen3_5", dict(architectures=["Qwen3_5ForConditionalGeneration"]), None,
+     "unsupported architecture 'Qwen3_5ForConditionalGeneration'"),
+    ("qwen3_5_moe", dict(shared_expert_intermediate_size=0), None, "shared_expert_intermediate_size 0"),
+    ("qwen3_5", dict(attention_bias=True), TargetLayout(tp=2), "attention_bias = true"),
+    ("qwen3_5", {}, TargetLayout(tp=2, transformer_impl="local"), "--transformer-impl local"),
+    ("qwen3_5_moe", dict(linear_num_key_heads=1, linear_num_value_heads=4), TargetLayout(tp=2, ep=2, etp=1),
+     "--tp 2 does not divide linear_num_key_heads 1"),
+])
+def test_qwen3_5_variants_megatron_cannot_express_are_refused(models, tmp_path, name, changes, layout, message):
+    folder = tmp_path / "hf"
+    shutil.copytree(models[name], folder)
+    _edit_config(folder, **changes)
+    with pytest.raises(ConversionError, match=message):
+        _plan(folder, layout)

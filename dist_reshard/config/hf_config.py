@@ -256,7 +256,9 @@ def config_from_dict(cfg: dict, path: str = "config.json") -> ModelConfig:
         model_type=str(cfg.get("model_type", "")),
         num_layers=num_layers,
         hidden_size=hidden,
-        ffn_hidden_size=_int(cfg, "intermediate_size", path),
+        # Qwen3.5-MoE has no dense MLP and no intermediate_size; Megatron's ffn_hidden_size then sizes nothing.
+        ffn_hidden_size=_int(cfg, "moe_intermediate_size" if cfg.get("model_type") == "qwen3_5_moe_text"
+                             else "intermediate_size", path),
         num_attention_heads=heads,
         num_query_groups=_int(cfg, "num_key_value_heads", path, default=heads),
         kv_channels=_int(cfg, "head_dim", path, default=hidden // heads),
@@ -292,7 +294,7 @@ def _nemotron_fields(cfg: dict, path: str) -> dict:
 def _linear_attention_fields(cfg: dict, path: str, num_layers: int) -> dict:
     """Qwen3-Next's gated DeltaNet layers: `layer_types` (transformers 5) or, in older configs,
     `full_attention_interval` N (layer i is full attention iff (i + 1) % N == 0)."""
-    if cfg.get("model_type") != "qwen3_next":
+    if cfg.get("model_type") not in GATED_DELTA_NET_MODEL_TYPES:
         return {}
     types = cfg.get("layer_types")
     if types is None:
@@ -354,8 +356,10 @@ def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
     experts = _int(cfg, key, path, default=0, minimum=0)
     if not experts:
         return {}
-    step = _int(cfg, "decoder_sparse_step", path, default=1)
-    dense_only = cfg.get("mlp_only_layers") or []
+    # Qwen3.5-MoE's config class has neither field (every layer routes), whatever a config.json states.
+    every_layer = cfg.get("model_type") == "qwen3_5_moe_text"
+    step = 1 if every_layer else _int(cfg, "decoder_sparse_step", path, default=1)
+    dense_only = [] if every_layer else cfg.get("mlp_only_layers") or []
     if not isinstance(dense_only, list) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                    for i in dense_only):
         raise ConversionError(f"{path}: field 'mlp_only_layers' = {dense_only!r} is not a list of layer indices")
@@ -366,8 +370,9 @@ def _moe_fields(cfg: dict, path: str, num_layers: int) -> dict:
         moe_topk=_int(cfg, "num_experts_per_tok", path, default=2),
         shared_expert_ffn_hidden_size=_int(cfg, "shared_expert_intermediate_size", path, default=0, minimum=0),
         # Mixtral always renormalises the top-k weights (GPT-OSS takes its softmax over the top-k logits, the
-        # same); the Qwens only when asked.
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", cfg.get("model_type") in ("mixtral", "gpt_oss"))),
+        # same); the Qwens only when asked, but Qwen3.5-MoE, whose config has no norm_topk_prob, always.
+        norm_topk_prob=every_layer or bool(cfg.get("norm_topk_prob",
+                                                   cfg.get("model_type") in ("mixtral", "gpt_oss"))),
         moe_layers=tuple(i not in dense_only and (i + 1) % step == 0 for i in range(num_layers)),
     )
 
@@ -431,10 +436,13 @@ MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qw
                "Qwen3MoeForCausalLM": "qwen3_moe", "DeepseekV3ForCausalLM": "deepseek_v3",
                "DeepseekV2ForCausalLM": "deepseek_v2", "Glm4MoeForCausalLM": "glm4_moe", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                "Ernie4_5_MoeForCausalLM": "ernie4_5_moe",
-               "Qwen3NextForCausalLM": "qwen3_next", "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2",
+               "Qwen3NextForCausalLM": "qwen3_next", "Qwen3_5ForCausalLM": "qwen3_5_text",
+               "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text", "NemotronHForCausalLM": "nemotron_h", "Mamba2ForCausalLM": "mamba2",
                "NemotronForCausalLM": "nemotron"}
 
 HYBRID_MODEL_TYPES = ("nemotron_h", "mamba2")
+# Gated DeltaNet hybrids: Qwen3-Next and the Qwen3.5 text models.
+GATED_DELTA_NET_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
 _NEMOTRON_H_KINDS = {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
                      "mlp": "-", "moe": "E"}
 

@@ -77,6 +77,15 @@ def hf_fields(cfg: ModelConfig, dtype: str | None = None) -> dict:
                    linear_conv_kernel_dim=cfg.linear_conv_kernel)
     if not cfg.num_experts:
         return out
+    if model_type == "qwen3_5_moe_text":  # every layer routes, always renormalised: its config has no such fields
+        if not all(cfg.is_moe_layer(i) for i in range(cfg.num_layers)) or not cfg.norm_topk_prob:
+            raise ConversionError("Qwen3.5-MoE routes in every layer and renormalises its top-k weights; these "
+                                  "args have dense layers or moe_router_pre_softmax")
+        del out["intermediate_size"]
+        out.update(num_experts_per_tok=cfg.moe_topk, num_experts=cfg.num_experts,
+                   moe_intermediate_size=cfg.moe_ffn_hidden_size,
+                   shared_expert_intermediate_size=cfg.shared_expert_ffn_hidden_size)
+        return out
     dense = [i for i in range(cfg.num_layers) if not cfg.is_moe_layer(i)]
     out["num_experts_per_tok"] = cfg.moe_topk
     if model_type == "mixtral":

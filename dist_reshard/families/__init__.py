@@ -11,6 +11,7 @@ FAMILIES: tuple[Family, ...] = (llama.LLAMA, llama.MISTRAL, qwen2.QWEN2, qwen3.Q
                               mixtral.MIXTRAL,
                               qwen_moe.QWEN2_MOE, qwen_moe.QWEN3_MOE, deepseek_v3.DEEPSEEK_V3, deepseek_v2.DEEPSEEK_V2,
                               gpt_oss.GPT_OSS, glm4_moe.GLM4_MOE, glm4_moe.GLM4_MOE_LITE, ernie45.ERNIE45_MOE, qwen3_next.QWEN3_NEXT,
+                              qwen3_next.QWEN3_5, qwen3_next.QWEN3_5_MOE,
                               llava.LLAVA, hybrid.NEMOTRON_H, hybrid.MAMBA2)
 
 

@@ -30,7 +30,9 @@ class Kind(Enum):
     # or the row sections [q; k; v] of one (Phi-3's qkv_proj): a rank then reads only its groups' rows.
     QKV = "qkv"
     GLU = "glu"  # gate and up halves, each split on dim 0, concatenated per TP rank
-    PARTS = "parts"  # row sections of one tensor (`Rule.parts`), each split on dim 0, concatenated per TP rank
+    # Row sections (`Rule.parts`), each split on dim 0, concatenated per TP rank: sections of one tensor, or of
+    # several HF tensors in order (Qwen3.5's gated DeltaNet in_proj: in_proj_qkv's q, k, v, then z, b, a whole).
+    PARTS = "parts"
     # QKV with an attention output gate (`attention_output_gate`): HF's q_proj holds [q_h; gate_h] per head, Megatron
     # holds per query group [its q heads; their gates; k; v], split on dim 0 by whole groups.
     GATED_QKV = "gated_qkv"
@@ -290,11 +292,14 @@ def blocks(kind: Kind, shapes: list[tuple[int, ...]], names: tuple[str, ...], cf
         return [Block((half * f + r * n,) + (0,) * len(full_width), (n,) + full_width,
                       (Piece(names[half], (r * n, (r + 1) * n), None, 0),)) for half in (0, 1)]
     if kind is Kind.PARTS:
-        out, start = [], 0
+        out, start, src, base = [], 0, 0, 0  # base: the first row of the current HF tensor in the whole tensor
         for n_rows in parts:
-            n = _split(n_rows, tp, f"a {n_rows}-row section of {names[0]}")
+            if src + 1 < len(names) and start - base == shapes[src][0]:
+                src, base = src + 1, start
+            n = _split(n_rows, tp, f"a {n_rows}-row section of {names[src]}")
+            lo = start - base + r * n
             out.append(Block((start + r * n,) + (0,) * len(full_width), (n,) + full_width,
-                             (Piece(names[0], (start + r * n, start + (r + 1) * n), None, 0),)))
+                             (Piece(names[src], (lo, lo + n), None, 0),)))
             start += n_rows
         return out
     if kind is Kind.GATED_QKV:
@@ -377,6 +382,6 @@ def full_shape(kind: Kind, shapes: list[tuple[int, ...]], padded_vocab: int) -> 
     """Shape of the whole Megatron tensor (what torch_dist stores, before the layer axis)."""
     if kind is Kind.VOCAB:
         return (padded_vocab,) + shapes[0][1:]
-    if kind in (Kind.QKV, Kind.GLU, Kind.GATED_QKV, Kind.GDN_IN_PROJ):
+    if kind in (Kind.QKV, Kind.GLU, Kind.GATED_QKV, Kind.GDN_IN_PROJ, Kind.PARTS):
         return (sum(s[0] for s in shapes),) + shapes[0][1:]
     return shapes[0]

@@ -14,6 +14,11 @@
 - Every norm of HF's but one scales by 1 + weight, Megatron's `layernorm_zero_centered_gamma`: their bytes are
   the same. The DeltaNet's gated output norm scales by the weight itself in HF and by 1 + weight in Megatron
   (the config switch applies to every norm): Megatron holds weight - 1 (`Rule.shift`).
+- Qwen3.5 (`Qwen3_5ForCausalLM`, dense SwiGLU MLPs; `Qwen3_5MoeForCausalLM`, experts in every layer) is the same
+  model but for the DeltaNet's input projections: `in_proj_qkv` ([q; k; v] flat, as the conv1d's channels),
+  `in_proj_z`, `in_proj_b`, `in_proj_a` are Megatron's in_proj sections in order, unregrouped (`Kind.PARTS` over
+  four tensors). Its interleaved multimodal rotary (`mrope_section`) is plain rotary for text: every section
+  takes the same (text) position.
 - Megatron-Core's spec is TransformerEngine's only (`--transformer-impl local` is refused), its DeltaNet has no
   conv bias and no in/out projection bias, and it takes `hidden_act` silu; other variants are refused by name.
 """
@@ -57,6 +62,14 @@ GATED_DELTA_NET = (
             shape=lambda c: [(c.hidden_size, c.linear_num_value_heads * c.linear_value_head_dim)]),
 )
 
+# Qwen3.5: the same sections, one HF tensor for q, k, v and one each for z, beta, alpha.
+SPLIT_IN_PROJ = tuple(
+    _linear("self_attention.in_proj.weight", tuple(f"linear_attn.{n}.weight" for n in (
+        "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")), Kind.PARTS, parts=lambda c: c.linear_qkvz_parts,
+            dist_parts=IN_PROJ_PARTS, shape=lambda c: [(sum(c.linear_qkvz_parts[:3]), c.hidden_size)] + [
+                (n, c.hidden_size) for n in c.linear_qkvz_parts[3:]])
+    if r.megatron.endswith("self_attention.in_proj.weight") else r for r in GATED_DELTA_NET)
+
 GATED_ATTENTION = (
     _attention("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight", Kind.REPLICATED,
                local="input_layernorm.weight"),
@@ -82,6 +95,9 @@ class Qwen3Next(Family):
             raise ConversionError(f"config.json: linear_num_value_heads {cfg.linear_num_value_heads} is not a "
                                   f"multiple of linear_num_key_heads {cfg.linear_num_key_heads} (Megatron-Core's "
                                   f"gated DeltaNet requires it)")
+        self.check_experts(cfg)
+
+    def check_experts(self, cfg) -> None:
         if not cfg.num_experts or not cfg.shared_expert_ffn_hidden_size:
             raise ConversionError("config.json: Qwen3-Next without routed experts and a shared expert "
                                   "(num_experts, shared_expert_intermediate_size) is not supported")
@@ -97,5 +113,21 @@ class Qwen3Next(Family):
 
 QWEN3_NEXT = Qwen3Next("qwen3_next", ("Qwen3NextForCausalLM",), (
     EMBEDDING + GATED_DELTA_NET + GATED_ATTENTION + DENSE_MLP
+    + routed_experts("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj")
+    + shared_expert("mlp.shared_expert", "mlp.shared_expert_gate.weight") + FINAL))
+
+
+class Qwen3_5(Qwen3Next):
+    def check_experts(self, cfg) -> None:
+        """Qwen3_5ForCausalLM has dense MLPs only, Qwen3_5MoeForCausalLM a gated shared expert in every layer."""
+        if self.name == "qwen3_5_moe" and not cfg.shared_expert_ffn_hidden_size:
+            raise ConversionError("config.json: shared_expert_intermediate_size 0: Qwen3.5-MoE's every layer has a "
+                                  "shared expert")
+
+
+QWEN3_5 = Qwen3_5("qwen3_5", ("Qwen3_5ForCausalLM",), EMBEDDING + SPLIT_IN_PROJ + GATED_ATTENTION + DENSE_MLP + FINAL)
+
+QWEN3_5_MOE = Qwen3_5("qwen3_5_moe", ("Qwen3_5MoeForCausalLM",), (
+    EMBEDDING + SPLIT_IN_PROJ + GATED_ATTENTION
     + routed_experts("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj")
     + shared_expert("mlp.shared_expert", "mlp.shared_expert_gate.weight") + FINAL))

@@ -159,8 +159,10 @@ def _gpt_oss_config(args, facts, stored, where, vocab_size) -> ModelConfig:
 def _features(arch: str) -> tuple:
     """What an architecture's modules hold beyond a dense Llama: (q/k norms, experts, shared expert gate,
     multi-latent attention, mamba mixers, LayerNorms with a bias and an ungated MLP, gated DeltaNet layers)."""
-    if arch == "Qwen3NextForCausalLM":
+    if arch in ("Qwen3NextForCausalLM", "Qwen3_5MoeForCausalLM"):
         return (True, True, True, False, False, False, True)
+    if arch == "Qwen3_5ForCausalLM":
+        return (True, False, False, False, False, False, True)
     return (arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "DeepseekV3ForCausalLM",
                      "DeepseekV2ForCausalLM", "Glm4MoeLiteForCausalLM", "Ernie4_5_MoeForCausalLM"),
@@ -187,12 +189,16 @@ def architecture_from_args(args: Namespace, facts: dict, where: str) -> str:
     among families with the same modules (Llama or Mistral)."""
     qk_norm = bool(getattr(args, "qk_layernorm", False))
     if facts.get("linear_layers"):  # experimental_attention_variant "gated_delta_net" (arch_args reads it so)
-        if not (facts.get("num_experts") and facts.get("shared_expert_ffn_hidden_size")
-                and getattr(args, "moe_shared_expert_gate", False) and qk_norm
+        if not qk_norm or facts.get("num_experts") and not (
+                facts.get("shared_expert_ffn_hidden_size") and getattr(args, "moe_shared_expert_gate", False)
                 and facts.get("router_score") == "softmax"):
-            raise ConversionError(f"{where}: gated DeltaNet args without Qwen3-Next's MoE (softmax router, gated "
-                                  f"shared expert) and q/k norms: no HF family has those modules")
-        return "Qwen3NextForCausalLM"
+            raise ConversionError(f"{where}: gated DeltaNet args without q/k norms, or with experts but not "
+                                  f"Qwen3-Next's MoE (softmax router, gated shared expert): no HF family has those "
+                                  f"modules")
+        # Qwen3.5-MoE has Qwen3-Next's modules (the in_proj Megatron holds is the same): args.hf_architecture tells.
+        derived = "Qwen3NextForCausalLM" if facts.get("num_experts") else "Qwen3_5ForCausalLM"
+        stored = getattr(args, "hf_architecture", None)
+        return stored if stored in MODEL_TYPES and _features(stored) == _features(derived) else derived
     beyond = next((n for n in ("layer_kinds", "kv_lora_rank", "num_experts") if facts.get(n)), None)
     if facts.get("normalization", "RMSNorm") != "RMSNorm" and beyond:
         raise ConversionError(f"{where}: args.normalization = {facts['normalization']!r} with {beyond} "

@@ -100,6 +100,16 @@ OWN_SUITE_VARIANTS = {
         linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4, full_attention_interval=2,
         rope_theta=10000.0, tie_word_embeddings=False)),
 }
+# Qwen3.5: Qwen3-Next's layers with split DeltaNet input projections and the multimodal rotary sections of the
+# released configs (text positions make them plain rotary); dense MLPs, or experts in every layer.
+_QWEN3_5 = dict(head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8,
+                linear_value_head_dim=8, linear_conv_kernel_dim=4, full_attention_interval=2, tie_word_embeddings=False,
+                rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.25,
+                                     mrope_interleaved=True, mrope_section=[1, 1, 0]))
+OWN_SUITE_VARIANTS["qwen3_5"] = ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _QWEN3_5)
+OWN_SUITE_VARIANTS["qwen3_5_moe"] = ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(
+    _QWEN3_5, intermediate_size=OMIT, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    shared_expert_intermediate_size=48))
 ZERO_BIAS_VARIANTS = ("ernie4_5_moe",)
 OWN_SUITE_VARIANTS["glm4_moe_mtp"] = (*OWN_SUITE_VARIANTS["glm4_moe"][:2], dict(OWN_SUITE_VARIANTS["glm4_moe"][2],
                                                                                 num_nextn_predict_layers=1))

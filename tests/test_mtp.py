@@ -154,3 +154,18 @@ def test_more_mtp_layers_than_declared_are_refused(models, tmp_path):
     with pytest.raises(ConversionError, match=r"hold layers \[4\] past num_hidden_layers = 4, but config.json "
                                               r"declares num_nextn_predict_layers = 0"):
         _plan(folder, tp=2)
+
+
+def test_671b_layouts_with_mtp_are_ones_megatron_core_accepts():
+    """tests/synthetic.py's PP16 layout strings for DeepSeek-V3-671B (planned at scale in test_rank_plan.py and
+    bench/plan_scale.py) pass Megatron-Core's own check for 61 decoder layers and one MTP layer."""
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    from synthetic import DEEPSEEK_PP16_LAYOUT, DEEPSEEK_VPP2_LAYOUT
+
+    vpp2 = PipelineParallelLayerLayout(DEEPSEEK_VPP2_LAYOUT, 16)
+    assert vpp2.virtual_pipeline_model_parallel_size == 2
+    assert vpp2.validate_layer_layout(61, 1) is True  # "MTP standalone": pipeline rank 14, not the last
+    assert TargetLayout(pp=16, stage_layout=DEEPSEEK_VPP2_LAYOUT).mtp_stage() == (14, 1)
+    assert PipelineParallelLayerLayout(DEEPSEEK_PP16_LAYOUT, 16).validate_layer_layout(61, 1) is False
+    assert TargetLayout(pp=16, stage_layout=DEEPSEEK_PP16_LAYOUT).mtp_stage() == (15, 0)

@@ -3,7 +3,8 @@ with one MTP layer to legacy TP2 x PP2 x EP2 (the MTP block and its copy of the 
 split by a layout string holding `m`) and torch_dist TP2 x EP2 (written even and loaded by a layout string, and
 written by a layout string and loaded even); real Megatron-Core GPTModels built with the MTP block spec strictly
 load every rank's legacy file or `dist_checkpointing.load` the torch_dist folder, with the main logits equal to
-HF's; each output equals the reference transform bit for bit and converts back to the HF folder's bytes."""
+HF's and the MTP layer's logits equal to transformers' MTP modules' (reference_mtp.hf_mtp_logits); each output
+equals the reference transform bit for bit and converts back to the HF folder's bytes."""
 
 import json
 import os
@@ -63,6 +64,14 @@ def test_mtp_megatron_logits_match_hf(converted):
     assert len(converted) == 6
     for name, result in converted.items():
         assert result["rel_diff"] <= 1e-4, (name, result["rel_diff"])
+
+
+def test_mtp_layer_logits_match_transformers_mtp_modules(converted):
+    """The MTP layer's own logits (Megatron-Core's MultiTokenPredictionBlock through the shared output layer)
+    against transformers' MtpModel loaded with the HF layer's tensors (reference_mtp.hf_mtp_logits)."""
+    for name, result in converted.items():
+        assert len(result["mtp_rel_diff"]) == 1, name
+        assert result["mtp_rel_diff"][0] <= 1e-4, (name, result["mtp_rel_diff"])
 
 
 @pytest.mark.parametrize("name", ["dsv3-torch", "dsv3-layout-torch", "glm-torch"])

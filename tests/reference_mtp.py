@@ -60,3 +60,33 @@ def mtp_torch_dist_tensors(hf, config, tp: int, impl: str) -> dict[str, torch.Te
             key = name
         out["mtp.layers.0.transformer_layer." + key] = value
     return out
+
+
+def hf_mtp_logits(main, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """Each MTP layer's logits [b, s, V] computed by transformers' own MTP modules (modeling_layers.MtpModel:
+    enorm, hnorm, eh_proj over [enorm(embedding), hnorm(hidden)], the model's decoder layer class as an MoE layer,
+    post_norm = shared_head.norm, the main model's embedding and lm_head), loaded from the HF folder `main` was
+    loaded from, independently of the converter and of Megatron-Core.
+
+    Fed as Megatron-Core's MultiTokenPredictionLayer is fed: layer k sees the tokens rolled left by k + 1 with
+    token id 0 in the vacated positions (roll_tensor) and the previous hidden states (the main model's after its
+    final norm, then each MTP layer's after its own). Positions are HF's (those of the tokens seen, as MtpModel's
+    drafting loop passes them); Megatron-Core rotates by the unshifted positions, the same attention up to
+    rounding as rotary embeddings depend on position differences only."""
+    from transformers.modeling_layers import MtpModel
+
+    L = main.config.num_hidden_layers
+    # transformers finds the MTP tensors by the main model's ignore pattern, written for the published depth
+    # (model.layers.61 for DeepSeek-V3, 92 / 46 for GLM-4.5): point it at this checkpoint's layer L.
+    main._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L}\..*"]
+    mtp = MtpModel.from_pretrained(main).eval()
+    b, s = tokens.shape
+    with torch.no_grad():
+        hidden = main.model(tokens).last_hidden_state
+        out, ids = [], tokens
+        for k in range(len(mtp.layers)):
+            ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+            positions = (torch.arange(s) + k + 1)[None].expand(b, s)
+            hidden = mtp.forward_layer(k, hidden, positions, None, input_ids=ids)
+            out.append(mtp._project_to_logits(hidden).float())
+    return out

@@ -76,7 +76,8 @@ def synthetic(cfg: dict, dtype: str = "BF16"):
 
 
 # DeepSeek-V3 as published: 61 layers (3 dense), MLA, 256 routed experts + 1 shared, FP8 weights with 128 x 128
-# block scales (router, norms, embeddings and head stay bf16; the routing bias is float32).
+# block scales (router, norms, embeddings and head stay bf16; the routing bias is float32), and one
+# multi-token-prediction layer stored as layer 61.
 DEEPSEEK_V3_671B = dict(architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", hidden_size=7168,
                         intermediate_size=18432, moe_intermediate_size=2048, num_hidden_layers=61,
                         num_attention_heads=128, num_key_value_heads=128, n_routed_experts=256, n_shared_experts=1,
@@ -84,14 +85,16 @@ DEEPSEEK_V3_671B = dict(architectures=["DeepseekV3ForCausalLM"], model_type="dee
                         routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=1536, kv_lora_rank=512,
                         qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, vocab_size=129280,
                         max_position_embeddings=163840, rms_norm_eps=1e-6, torch_dtype="bfloat16",
+                        num_nextn_predict_layers=1,
                         quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                              "weight_block_size": [128, 128]})
 
 
-# Megatron-Core layout strings for its 61 layers at PP16: DeepSeek's own VPP2 layout ("Et*3|(tt|)*29,m|L") with
-# the MTP stage left empty, and one without VPP.
-DEEPSEEK_VPP2_LAYOUT = "Et*3|(tt|)*29|L"
-DEEPSEEK_PP16_LAYOUT = "Et*3|(t*4|)*14,ttL"
+# Megatron-Core layout strings for its 61 layers and the MTP layer at PP16: DeepSeek's own VPP2 layout (the
+# example of Megatron-Core 0.16.1's PipelineParallelLayerLayout.pretty_repr: the MTP layer alone in pipeline
+# rank 14's second virtual stage, the loss alone in rank 15's), and one without VPP, the MTP layer beside the loss.
+DEEPSEEK_VPP2_LAYOUT = "Et*3|(tt|)*29,m|L"
+DEEPSEEK_PP16_LAYOUT = "Et*3|(t*4|)*14,ttmL"
 
 
 def deepseek_v3_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -109,8 +112,14 @@ def deepseek_v3_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         out[name] = ((rows, cols), "F8_E4M3")
         out[name + "_scale_inv"] = ((-(-rows // 128), -(-cols // 128)), "F32")
 
-    for i in range(cfg["num_hidden_layers"]):
+    layers = cfg["num_hidden_layers"]
+    for i in range(layers + cfg.get("num_nextn_predict_layers", 0)):
         p = f"model.layers.{i}."
+        if i >= layers:  # an MTP layer: its own norms and projection (bf16, as eh_proj is published), its
+            # copies of the embedding and head, then a decoder layer's tensors (an MoE layer, FP8)
+            out.update({p + "enorm.weight": ((h,), "BF16"), p + "hnorm.weight": ((h,), "BF16"),
+                        p + "eh_proj.weight": ((h, 2 * h), "BF16"), p + "embed_tokens.weight": ((v, h), "BF16"),
+                        p + "shared_head.norm.weight": ((h,), "BF16"), p + "shared_head.head.weight": ((v, h), "BF16")})
         out[p + "input_layernorm.weight"] = ((h,), "BF16")
         out[p + "post_attention_layernorm.weight"] = ((h,), "BF16")
         linear(p + "self_attn.q_a_proj.weight", cfg["q_lora_rank"], h)
@@ -142,10 +151,19 @@ def deepseek_v3_shapes(cfg: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     return out
 
 
-def deepseek_v3(cfg: dict = DEEPSEEK_V3_671B, file_bytes: int = 4 << 30):
-    """(ModelConfig, index as the converter sees it: FP8 weights decoded to bf16) of a headers-only model."""
+def deepseek_v3(cfg: dict = DEEPSEEK_V3_671B, file_bytes: int = 4 << 30, mtp: bool = True):
+    """(ModelConfig, index as the converter sees it: FP8 weights decoded to bf16) of a headers-only model; its
+    MTP layers kept (counted as `open_hf_folder` counts them) or, `mtp` False, dropped as --drop-mtp drops them."""
+    import dataclasses
+
     from dist_reshard.source.block_fp8 import dequantized_index
+    from dist_reshard.source.hf_source import mtp_tensors
 
     index = lay_out(deepseek_v3_shapes(cfg), file_bytes)
     config = config_from_dict(cfg)
-    return config, dequantized_index(index, config)
+    index = dequantized_index(index, config)
+    stored_mtp = mtp_tensors(index, config)
+    if not mtp:
+        return config, {n: t for n, t in index.items() if n not in stored_mtp}
+    layers = {int(n.split(".")[2]) for n in stored_mtp}
+    return dataclasses.replace(config, mtp_layers=len(layers)), index

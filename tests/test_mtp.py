@@ -3,7 +3,8 @@ with one MTP layer to legacy TP2 x PP2 x EP2 (the MTP block and its copy of the 
 split by a layout string holding `m`) and torch_dist TP2 x EP2 (written even and loaded by a layout string, and
 written by a layout string and loaded even); real Megatron-Core GPTModels built with the MTP block spec strictly
 load every rank's legacy file or `dist_checkpointing.load` the torch_dist folder, with the main logits equal to
-HF's; each output equals the reference transform bit for bit and converts back to the HF folder's bytes."""
+HF's and the MTP layer's logits equal to transformers' MTP modules' (reference_mtp.hf_mtp_logits); each output
+equals the reference transform bit for bit and converts back to the HF folder's bytes."""
 
 import json
 import os
@@ -61,6 +62,14 @@ def test_mtp_megatron_logits_match_hf(converted):
     assert len(converted) == 6
     for name, result in converted.items():
         assert result["rel_diff"] <= 1e-4, (name, result["rel_diff"])
+
+
+def test_mtp_layer_logits_match_transformers_mtp_modules(converted):
+    """The MTP layer's own logits (Megatron-Core's MultiTokenPredictionBlock through the shared output layer)
+    against transformers' MtpModel loaded with the HF layer's tensors (reference_mtp.hf_mtp_logits)."""
+    for name, result in converted.items():
+        assert len(result["mtp_rel_diff"]) == 1, name
+        assert result["mtp_rel_diff"][0] <= 1e-4, (name, result["mtp_rel_diff"])
 
 
 @pytest.mark.parametrize("name", ["dsv3-torch", "dsv3-layout-torch", "glm-torch"])
@@ -152,3 +161,18 @@ def test_more_mtp_layers_than_declared_are_refused(models, tmp_path):
     with pytest.raises(ConversionError, match=r"hold layers \[4\] past num_hidden_layers = 4, but config.json "
                                               r"declares num_nextn_predict_layers = 0"):
         _plan(folder, tp=2)
+
+
+def test_671b_layouts_with_mtp_are_ones_megatron_core_accepts():
+    """tests/synthetic.py's PP16 layout strings for DeepSeek-V3-671B (planned at scale in test_rank_plan.py and
+    bench/plan_scale.py) pass Megatron-Core's own check for 61 decoder layers and one MTP layer."""
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    from synthetic import DEEPSEEK_PP16_LAYOUT, DEEPSEEK_VPP2_LAYOUT
+
+    vpp2 = PipelineParallelLayerLayout(DEEPSEEK_VPP2_LAYOUT, 16)
+    assert vpp2.virtual_pipeline_model_parallel_size == 2
+    assert vpp2.validate_layer_layout(61, 1) is True  # "MTP standalone": pipeline rank 14, not the last
+    assert TargetLayout(pp=16, stage_layout=DEEPSEEK_VPP2_LAYOUT).mtp_stage() == (14, 1)
+    assert PipelineParallelLayerLayout(DEEPSEEK_PP16_LAYOUT, 16).validate_layer_layout(61, 1) is False
+    assert TargetLayout(pp=16, stage_layout=DEEPSEEK_PP16_LAYOUT).mtp_stage() == (15, 0)

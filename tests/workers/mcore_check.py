@@ -4,8 +4,8 @@ the Megatron forward's logits with the HF model's.
 argv[1]: JSON list of cases {load, save, format, tp, pp, vpp, ep, etp, impl, load_tp, load_pp, load_vpp,
 load_ep, load_etp, an uneven split (TargetLayout's field names), load_split (the split to load torch_dist
 with) and mcore_load (false: convert only)}, or {dst: "hf", load, save} for a conversion back to HF without a load; argv[2]: JSON results written by rank 0 (one entry per case: max relative logits
-difference). The world size must be a valid Megatron world for every loaded layout (TP x PP x DP, with
-ETP x EP dividing TP x DP).
+difference; with MTP layers also each MTP layer's, against transformers' MTP modules). The world size must be
+a valid Megatron world for every loaded layout (TP x PP x DP, with ETP x EP dividing TP x DP).
 """
 
 import json
@@ -74,12 +74,19 @@ if __name__ == "__main__":
             mcore_cpu.load_torch_dist(models, folder)
         gen = torch.Generator().manual_seed(7)
         tokens = torch.randint(0, args.true_vocab_size, (2, 12), generator=gen)
-        logits = mcore_cpu.forward_logits(models, tokens)[..., :args.true_vocab_size]
+        mtp_logits = [] if getattr(args, "mtp_num_layers", None) else None
+        logits = mcore_cpu.forward_logits(models, tokens, mtp_logits)[..., :args.true_vocab_size]
         if me == 0:
             hf = AutoModelForCausalLM.from_pretrained(case.get("hf", case["load"]), dtype=torch.float32).eval()
             with torch.no_grad():
                 expected = hf(tokens).logits.float()
             rel = mcore_cpu.relative_difference(logits, expected)
             results.append(dict(case, rel_diff=rel))
+            if mtp_logits is not None:  # the MTP layers' own logits against transformers' MTP modules
+                sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                from reference_mtp import hf_mtp_logits
+
+                results[-1]["mtp_rel_diff"] = [mcore_cpu.relative_difference(got[..., :args.true_vocab_size], want)
+                                               for got, want in zip(mtp_logits, hf_mtp_logits(hf, tokens))]
         dist.barrier()
     mcore_cpu.write_results_and_exit(results, sys.argv[2])

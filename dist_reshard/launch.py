@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="legacy format: grouped-GEMM expert names (linear_fc1.weight<i>) instead of "
                           "SequentialMLP's (local_experts.<i>.linear_fc1.weight); off. torch_dist loads either way")
     moe.add_argument("--drop-mtp", action="store_true",
-                     help="convert without the multi-token-prediction layers (DeepSeek-V3, GLM-4.5), named in the "
-                          "summary; without it they become Megatron-Core's mtp.layers.* (mtp_num_layers)")
+                     help="convert without the multi-token-prediction layers, named in the summary; without it "
+                          "DeepSeek-V3's and GLM-4.5's become Megatron-Core's mtp.layers.* (mtp_num_layers), and "
+                          "the mtp modules of Qwen3-Next, Qwen3.5 and Ernie-4.5 (not converted) are an error")
 
     fmt = p.add_argument_group("formats and names")
     fmt.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",

@@ -169,3 +169,21 @@ def plan_hf(folder: str, layout=None, world: int = 2):
 
     cfg, family, index = open_hf_folder(folder)
     return make_plan(family, index, cfg, layout or TargetLayout(tp=2), world=world)
+
+
+def with_extra_tensors(model: str, folder, tensors: dict) -> str:
+    """A copy of the HF folder `model` at `folder` with `tensors` added in a shard file of their own."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(model, folder)
+    save_file(tensors, os.path.join(folder, "extra.safetensors"))
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["weight_map"].update({k: "extra.safetensors" for k in tensors})
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    return str(folder)
+

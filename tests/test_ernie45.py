@@ -4,14 +4,13 @@ router renormalised, two experts' worth of ungated shared expert, dense layers 0
 embeddings), and converts both back to the HF folder's bytes, the all-zero selection biases included; the files
 equal the reference transform bit for bit. A selection bias that changes the choice is refused by name."""
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
 
-from conftest import assert_same_hf, moe_family_job, torchrun
+from conftest import assert_same_hf, moe_family_job, torchrun, with_extra_tensors
 from dist_reshard.testing.tiny_models import build_model, save_model
 from test_gpt_oss import _edit_config, _plan
 from test_moe import check_legacy, check_torch_dist
@@ -124,17 +123,26 @@ def test_ernie45_variants_megatron_cannot_express_are_refused(ernie, tmp_path, c
 
 def test_ernie45_vl_tensors_are_refused_by_name(ernie, tmp_path):
     """An Ernie-4.5-VL checkpoint's vision tower under the text architecture: named, never dropped."""
-    from safetensors.torch import save_file
-
     from dist_reshard.base.errors import ConversionError
 
-    folder = tmp_path / "hf"
-    shutil.copytree(ernie, folder)
-    index_path = folder / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    save_file({"vision_model.patch_embed.proj.weight": torch.zeros(4, 4)}, str(folder / "vision.safetensors"))
-    index["weight_map"]["vision_model.patch_embed.proj.weight"] = "vision.safetensors"
-    index_path.write_text(json.dumps(index))
+    folder = with_extra_tensors(ernie, tmp_path / "hf", {"vision_model.patch_embed.proj.weight": torch.zeros(4, 4)})
     with pytest.raises(ConversionError, match="'vision_model.patch_embed.proj.weight': not mapped by the "
                                               "ernie4_5_moe family"):
         _plan(folder)
+
+
+def test_ernie45_mtp_layer_is_refused_or_dropped_by_name(ernie, tmp_path):
+    """The published checkpoints' MTP layer (`mtp_block.*`, `mtp_emb_norm.*`, ...; transformers skips every name
+    holding "mtp"): refused naming it and --drop-mtp, and exactly those tensors are what --drop-mtp leaves out."""
+    from dist_reshard.base.errors import ConversionError
+    from dist_reshard.source.hf_source import mtp_tensors, open_hf_folder
+
+    extra = {"mtp_block.0.input_layernorm.weight": torch.ones(64), "mtp_emb_norm.0.weight": torch.ones(64),
+             "mtp_linear_proj.0.weight": torch.zeros(64, 128)}
+    folder = with_extra_tensors(ernie, tmp_path / "hf", extra)
+    with pytest.raises(ConversionError, match="'mtp_block.0.input_layernorm.weight': a multi-token-prediction "
+                                              "tensor of the ernie4_5_moe family.*pass --drop-mtp"):
+        _plan(folder)
+    cfg, family, index = open_hf_folder(folder)
+    assert mtp_tensors(index, cfg, family) == set(extra)
+

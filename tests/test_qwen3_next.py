@@ -214,3 +214,41 @@ def test_qwen3_5_variants_megatron_cannot_express_are_refused(models, tmp_path, 
     _edit_config(folder, **changes)
     with pytest.raises(ConversionError, match=message):
         _plan(folder, layout)
+
+
+def test_qwen3_next_mtp_module_is_refused_or_dropped_by_name(model, tmp_path):
+    """The published checkpoints store an `mtp.*` module (transformers skips it; Megatron-Core builds MTP layers
+    only from decoder-layer specs): refused naming it and --drop-mtp, or left out with --drop-mtp, the rank files
+    then equal to those of the folder without it."""
+    import hashlib
+    import subprocess
+    import sys
+
+    from conftest import ROOT, with_extra_tensors
+
+    folder = with_extra_tensors(model, tmp_path / "with_mtp", {"mtp.fc.weight": torch.randn(64, 128),
+                                                               "mtp.layers.0.input_layernorm.weight": torch.ones(64)})
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        env.pop(k, None)
+
+    def convert(load, save, *flags):
+        return subprocess.run([sys.executable, "-m", "dist_reshard.launch", "--src", "hf", "--dst", "mcore", "--load",
+                               str(load), "--save", str(save), "--tp", "2", "--ckpt-format", "torch", *flags],
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    refused = convert(folder, tmp_path / "refused")
+    assert refused.returncode == 1 and not (tmp_path / "refused").exists()
+    first = refused.stderr.strip().splitlines()[0]
+    assert "mtp.fc.weight" in first and "--drop-mtp" in first, first
+    dropped = convert(folder, tmp_path / "dropped", "--drop-mtp")
+    assert dropped.returncode == 0, dropped.stderr[-2000:]
+    assert "dropped on request (--drop-mtp): 2 multi-token-prediction tensors" in dropped.stdout
+    plain = convert(model, tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr[-2000:]
+
+    def rank_files(save):
+        root = save / "iter_0000001"
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*.pt")}
+
+    assert rank_files(tmp_path / "dropped") == rank_files(tmp_path / "plain") != {}

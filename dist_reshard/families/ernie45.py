@@ -47,4 +47,6 @@ ERNIE45_MOE = Ernie45Moe("ernie4_5_moe", ("Ernie4_5_MoeForCausalLM",), (
     + routed_experts("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj")
     + tuple(dataclasses.replace(r, when="shared_expert_ffn_hidden_size")  # moe_num_shared_experts 0: none
             for r in shared_expert("mlp.shared_experts", gate=None))
-    + FINAL), zeros=(SELECTION_BIAS,))
+    + FINAL), zeros=(SELECTION_BIAS,),
+    # The published checkpoints' MTP layer (`mtp_block.*`, `mtp_emb_norm.*`, ...: names transformers skips by "mtp").
+    unconverted_mtp=r"mtp")

@@ -217,6 +217,9 @@ class Family:
     rules: tuple[Rule, ...]
     fused: tuple = ()  # fused_experts.FusedExperts: HF tensors holding every expert of a layer
     zeros: tuple[ZeroTensor, ...] = ()
+    # Multi-token-prediction tensors stored outside `model.layers` (a regex searched in each name, as
+    # transformers' `_keys_to_ignore_on_load_unexpected` skips them): not converted, dropped by --drop-mtp.
+    unconverted_mtp: str | None = None
 
     def check(self, cfg: ModelConfig) -> None:
         """Family-specific refusals (features the table does not express)."""

@@ -111,10 +111,14 @@ class Qwen3Next(Family):
                                   f"{cfg.linear_num_key_heads} (Megatron-Core's gated DeltaNet splits by key heads)")
 
 
+# The published checkpoints' multi-token-prediction module (`mtp.*`, which transformers does not load): Megatron-Core
+# builds MTP layers only from decoder-layer specs, not from a gated-DeltaNet model's, so it is left out on request.
+MTP = r"^mtp\."
+
 QWEN3_NEXT = Qwen3Next("qwen3_next", ("Qwen3NextForCausalLM",), (
     EMBEDDING + GATED_DELTA_NET + GATED_ATTENTION + DENSE_MLP
     + routed_experts("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj")
-    + shared_expert("mlp.shared_expert", "mlp.shared_expert_gate.weight") + FINAL))
+    + shared_expert("mlp.shared_expert", "mlp.shared_expert_gate.weight") + FINAL), unconverted_mtp=MTP)
 
 
 class Qwen3_5(Qwen3Next):
@@ -125,9 +129,10 @@ class Qwen3_5(Qwen3Next):
                                   "shared expert")
 
 
-QWEN3_5 = Qwen3_5("qwen3_5", ("Qwen3_5ForCausalLM",), EMBEDDING + SPLIT_IN_PROJ + GATED_ATTENTION + DENSE_MLP + FINAL)
+QWEN3_5 = Qwen3_5("qwen3_5", ("Qwen3_5ForCausalLM",), EMBEDDING + SPLIT_IN_PROJ + GATED_ATTENTION + DENSE_MLP + FINAL,
+                  unconverted_mtp=MTP)
 
 QWEN3_5_MOE = Qwen3_5("qwen3_5_moe", ("Qwen3_5MoeForCausalLM",), (
     EMBEDDING + SPLIT_IN_PROJ + GATED_ATTENTION
     + routed_experts("mlp.gate.weight", "mlp.experts", "gate_proj", "up_proj", "down_proj")
-    + shared_expert("mlp.shared_expert", "mlp.shared_expert_gate.weight") + FINAL))
+    + shared_expert("mlp.shared_expert", "mlp.shared_expert_gate.weight") + FINAL), unconverted_mtp=MTP)

@@ -4,6 +4,7 @@ pieces of source tensors, and which source tensors a family's rules account for.
 from __future__ import annotations
 
 import math
+import re
 
 from ..base.errors import ConversionError
 from ..config.hf_config import ModelConfig
@@ -28,9 +29,12 @@ def _stray_expert(name: str, family: Family, cfg: ModelConfig) -> str | None:
     return None
 
 
-def _mtp_layer(name: str, cfg: ModelConfig) -> str | None:
+def _mtp_layer(name: str, cfg: ModelConfig, family: Family) -> str | None:
     layer = mtp_layer(name, cfg)
     if layer is None:
+        if family.unconverted_mtp and re.search(family.unconverted_mtp, name):
+            return (f"a multi-token-prediction tensor of the {family.name} family, which dist_reshard does not "
+                    f"convert (transformers does not load it either); pass --drop-mtp to convert without it")
         return None
     return (f"layer {layer} is past num_hidden_layers = {cfg.num_layers}: a multi-token-prediction "
             f"layer, which dist_reshard does not convert; pass --drop-mtp to convert without it")
@@ -62,7 +66,7 @@ def _resolve_rules(family: Family, index: dict[str, SourceTensor], cfg: ModelCon
         tied = {n for r in family.rules if r.tied_to for n in r.hf}
         unknown = [n for n in unknown if n not in tied]
     if unknown:
-        why = _stray_expert(unknown[0], family, cfg) or _mtp_layer(unknown[0], cfg) or (
+        why = _stray_expert(unknown[0], family, cfg) or _mtp_layer(unknown[0], cfg, family) or (
             f"not mapped by the {family.name} family ({len(unknown)} unmapped tensors); refusing to drop it")
         raise ConversionError(f"{index[unknown[0]].file}: tensor {unknown[0]!r}: {why}")
     return rules

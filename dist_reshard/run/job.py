@@ -60,7 +60,7 @@ def _plan(opts: Options, skip_paths: frozenset = frozenset()) -> tuple[Plan, obj
         cfg, family, index = source.config, source.family, source.logical
     else:
         cfg, family, index = open_hf_folder(opts.load, count_mtp=not opts.drop_mtp)
-        stored_mtp = mtp_tensors(index, cfg)
+        stored_mtp = mtp_tensors(index, cfg, family)
         if stored_mtp and opts.drop_mtp:
             index = {n: t for n, t in index.items() if n not in stored_mtp}
             mtp = {"dropped": len(stored_mtp)}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from . import zero_tensors
 from .block_fp8 import dequantized_index
@@ -43,6 +44,8 @@ def _mtp_layer_count(index: dict[str, SourceTensor], cfg: ModelConfig, config_pa
 
 
 
-def mtp_tensors(index: dict[str, SourceTensor], cfg: ModelConfig) -> set[str]:
-    """Tensors of the multi-token-prediction layers stored after the decoder (see `mapping.mtp_layer`)."""
-    return {name for name in index if mtp_layer(name, cfg) is not None}
+def mtp_tensors(index: dict[str, SourceTensor], cfg: ModelConfig, family: Family | None = None) -> set[str]:
+    """Tensors of the multi-token-prediction layers: those stored after the decoder (see `mapping.mtp_layer`),
+    and those a family stores elsewhere (`Family.unconverted_mtp`)."""
+    pattern = re.compile(family.unconverted_mtp) if family is not None and family.unconverted_mtp else None
+    return {name for name in index if mtp_layer(name, cfg) is not None or (pattern and pattern.search(name))}

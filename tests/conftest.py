@@ -175,15 +175,9 @@ def with_extra_tensors(model: str, folder, tensors: dict) -> str:
     """A copy of the HF folder `model` at `folder` with `tensors` added in a shard file of their own."""
     import shutil
 
-    from safetensors.torch import save_file
+    from dist_reshard.testing.tiny_models import add_tensors
 
     shutil.copytree(model, folder)
-    save_file(tensors, os.path.join(folder, "extra.safetensors"))
-    index_path = os.path.join(folder, "model.safetensors.index.json")
-    with open(index_path) as f:
-        index = json.load(f)
-    index["weight_map"].update({k: "extra.safetensors" for k in tensors})
-    with open(index_path, "w") as f:
-        json.dump(index, f)
+    add_tensors(str(folder), tensors, "extra.safetensors")
     return str(folder)
 

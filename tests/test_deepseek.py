@@ -9,10 +9,9 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from conftest import load_hf_config, load_hf_state, run_cases, torchrun
+from conftest import load_hf_config, load_hf_state, run_cases, torchrun, with_extra_tensors
 from reference_moe import legacy_files, torch_dist_tensors
 
 CASES = [dict(name="fp8-tp2ep2-torch", tp=2, ep=2, format="torch"),
@@ -100,9 +99,6 @@ def test_verify_against_fp8_source(converted, hf_models):
 def _with_mtp(src: str, dst: str) -> int:
     """A copy of `src` with one multi-token-prediction layer after the decoder, named as DeepSeek-V3 stores
     it (`model.layers.{L}.`: enorm, hnorm, eh_proj, shared_head, and a decoder layer's tensors)."""
-    import shutil
-
-    shutil.copytree(src, dst)
     state = load_hf_state(src)
     L = load_hf_config(src).num_hidden_layers
     h = state["model.norm.weight"].shape[0]
@@ -113,13 +109,7 @@ def _with_mtp(src: str, dst: str) -> int:
                   f"model.layers.{L}.hnorm.weight": torch.rand(h, generator=gen),
                   f"model.layers.{L}.eh_proj.weight": torch.rand(h, 2 * h, generator=gen),
                   f"model.layers.{L}.shared_head.norm.weight": torch.rand(h, generator=gen)})
-    save_file(extra, os.path.join(dst, "model-mtp.safetensors"), metadata={"format": "pt"})
-    index = os.path.join(dst, "model.safetensors.index.json")
-    with open(index) as f:
-        idx = json.load(f)
-    idx["weight_map"].update({k: "model-mtp.safetensors" for k in extra})
-    with open(index, "w") as f:
-        json.dump(idx, f)
+    with_extra_tensors(src, dst, extra)
     return len(extra)
 
 

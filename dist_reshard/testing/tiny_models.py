@@ -176,7 +176,7 @@ def add_mtp_layers(folder: str, count: int, seed: int = 0) -> None:
     import json
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     with open(os.path.join(folder, "model.safetensors.index.json")) as f:
         index = json.load(f)
@@ -207,11 +207,23 @@ def add_mtp_layers(folder: str, count: int, seed: int = 0) -> None:
                       p + "shared_head.norm.weight": norm().to(dtype),
                       p + "embed_tokens.weight": state["model.embed_tokens.weight"].clone(),
                       p + "shared_head.head.weight": state["lm_head.weight"].clone()})
-    save_file(extra, os.path.join(folder, "model-mtp.safetensors"), metadata={"format": "pt"})
-    index["weight_map"].update(dict.fromkeys(extra, "model-mtp.safetensors"))
-    index["metadata"]["total_size"] = index["metadata"].get("total_size", 0) + sum(
-        t.numel() * t.element_size() for t in extra.values())
-    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    add_tensors(folder, extra, "model-mtp.safetensors")
+
+
+def add_tensors(folder: str, tensors: dict, file: str) -> None:
+    """`tensors` added to a sharded HF folder in a safetensors file of their own, listed in its index."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.path.join(folder, file), metadata={"format": "pt"})
+    path = os.path.join(folder, "model.safetensors.index.json")
+    with open(path) as f:
+        index = json.load(f)
+    index["weight_map"].update(dict.fromkeys(tensors, file))
+    index.setdefault("metadata", {})["total_size"] = index["metadata"].get("total_size", 0) + sum(
+        t.numel() * t.element_size() for t in tensors.values())
+    with open(path, "w") as f:
         json.dump(index, f, indent=2)
 
 

@@ -235,6 +235,7 @@ def _publish(opts: Options, plan: Plan, view: RankPlan, cfg, family, source, sta
 def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, mtp: dict | None = None,
             source=None) -> dict:
     report.peak_rss_bytes = _peak_rss()
+    report.mtp_compared_bytes = (mtp or {}).get("compared_bytes", 0)
     if torch.cuda.is_initialized():
         report.peak_gpu_bytes = torch.cuda.max_memory_allocated()
     reports = collectives.gather_objects(report.__dict__)
@@ -254,7 +255,7 @@ def _finish(report: RankReport, plan: Plan, opts: Options, dry_run: bool, mtp: d
         # Multi-token-prediction layers kept, the MTP layers' copies of shared tensors compared (HF source).
         "mtp_layers": (mtp or {}).get("kept_layers", 0),
         "mtp_shared_copies": (mtp or {}).get("shared_copies", []),
-        "mtp_compared_bytes": sum(collectives.gather_objects((mtp or {}).get("compared_bytes", 0))),
+        "mtp_compared_bytes": sum(r["mtp_compared_bytes"] for r in reports),
         # Source tensors Megatron-Core has no place for, read and found all zero (source/zero_tensors.py).
         "zero_tensors_left_out": plan.zeros_left_out,
         # A Megatron source's training state, left out by name: {name: [entries, bytes]}.

@@ -47,6 +47,7 @@ class RankReport:
     bytes_received: int = 0
     peak_rss_bytes: int = 0
     peak_gpu_bytes: int = 0  # torch's allocator peak on the rank's GPU (NCCL's own buffers not counted)
+    mtp_compared_bytes: int = 0  # read to compare an HF MTP layer's copies with the main tensors (mtp_copies)
     phases: dict = field(default_factory=dict)
 
 
